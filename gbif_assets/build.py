@@ -1,0 +1,282 @@
+"""In-process builds for the command line: the Dagster definitions, run in dependency order.
+
+Dagster's `materialize` runs one partition per run, and a GBIF download is ready only minutes or
+hours after it is requested, so the command line plays the part of the sensor and the backfill:
+request, wait for GBIF, run the unpartitioned upstream, one run per label, then the reports.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import dagster as dg
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from gbif_assets import steps
+from gbif_assets.defs.definitions import build_definitions
+from gbif_assets.defs.resources import ProgressSink
+from gbif_assets.recipe import Recipe
+from gbif_assets.settings import Settings
+
+UPSTREAM = ("download_request", "occurrence_archive", "occurrences", "media_manifest")
+DOWNSTREAM = (
+    "image_metadata",
+    "license_report",
+    "attribution",
+    "citation",
+    "link_rot_report",
+    "exports",
+)
+
+
+@dataclass
+class BuildOptions:
+    """What `gbif-assets build` was asked to do."""
+
+    select: str | None = None
+    partitions: list[str] = field(default_factory=list)
+    verbose: bool = False
+    poll_seconds: float = 30.0
+    wait_timeout_s: float = 6 * 3600
+
+
+class BuildFailed(RuntimeError):
+    """An asset or a blocking check failed; the message says which and why."""
+
+
+def _instance(settings: Settings) -> dg.DagsterInstance:
+    """The user's instance when DAGSTER_HOME is set, else a SQLite one beside the data."""
+    if os.environ.get("DAGSTER_HOME"):
+        return dg.DagsterInstance.get()
+    root = settings.home / ".dagster"
+    root.mkdir(parents=True, exist_ok=True)
+    return dg.DagsterInstance.local_temp(tempdir=str(root))
+
+
+def _resolve_selection(
+    select: str | None, defs: dg.Definitions, recipe: Recipe
+) -> set[dg.AssetKey]:
+    graph = defs.resolve_asset_graph()
+    everything = {k for k in graph.get_all_asset_keys() if k.path[0] == recipe.name}
+    if not select:
+        return everything
+    text = select.strip()
+    if any(token in text for token in (":", " ", "(")):
+        selection = dg.AssetSelection.from_string(text)
+    else:
+        selection = dg.AssetSelection.from_coercible(
+            [part.strip() for part in text.split(",") if part.strip()]
+        )
+    try:
+        keys = selection.resolve(graph)
+    except Exception as exc:  # Dagster raises several types for unknown keys
+        raise BuildFailed(f"--select {select!r}: {exc}") from None
+    keys &= everything
+    if not keys:
+        names = ", ".join(sorted(k.to_user_string() for k in everything))
+        raise BuildFailed(f"--select {select!r} matches no asset of {recipe.name}; assets: {names}")
+    return keys
+
+
+class _Runner:
+    """Runs selected assets through Dagster and remembers every failure for the summary."""
+
+    def __init__(self, recipe: Recipe, options: BuildOptions, console: Console) -> None:
+        self.recipe = recipe
+        self.options = options
+        self.console = console
+        self.settings = Settings.from_env()
+        self.home = self.settings.dataset_home(recipe.name)
+        self.instance = _instance(self.settings)
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+        )
+        self._tasks: dict[str, int] = {}
+        self.defs = build_definitions([recipe], progress=ProgressSink(self._on_progress))
+        self.assets = list(self.defs.assets or []) + list(self.defs.asset_checks or [])
+        self.failures: list[str] = []
+        self.warnings: list[str] = []
+
+    def _on_progress(self, stage: str, figures: dict) -> None:
+        task = self._tasks.get(stage)
+        if task is None:
+            task = self.progress.add_task(
+                f"images {stage}", total=figures.get("target") or None, info=""
+            )
+            self._tasks[stage] = task
+        info = f"{figures.get('rate', 0):.1f} img/s"
+        failed = figures.get("failures") or {}
+        if failed:
+            info += "  failed " + ", ".join(f"{k}={v}" for k, v in sorted(failed.items()))
+        self.progress.update(
+            task, completed=figures.get("done", 0), total=figures.get("target") or None, info=info
+        )
+
+    def _run_config(self) -> dict:
+        level = "INFO" if self.options.verbose else "CRITICAL"
+        return {"loggers": {"console": {"config": {"log_level": level}}}}
+
+    def materialize(self, keys: Iterable[dg.AssetKey], partition: str | None = None) -> bool:
+        keys = list(keys)
+        if not keys:
+            return True
+        what = ", ".join(k.path[-1] for k in keys) + (f" [{partition}]" if partition else "")
+        self.console.print(f"[cyan]>[/cyan] {what}")
+        result = dg.materialize(
+            self.assets,
+            selection=dg.AssetSelection.assets(*keys),
+            instance=self.instance,
+            partition_key=partition,
+            raise_on_error=False,
+            run_config=self._run_config(),
+        )
+        for event in result.get_step_failure_events():
+            error = event.event_specific_data.error
+            message = error.message.strip() if error else "unknown error"
+            self.failures.append(
+                f"{event.step_key}{f' [{partition}]' if partition else ''}: {message}"
+            )
+            self.console.print(f"[red]FAILED[/red] {event.step_key}: {message}")
+        for evaluation in result.get_asset_check_evaluations():
+            if evaluation.passed:
+                continue
+            name = f"{evaluation.asset_key.to_user_string()}:{evaluation.check_name}"
+            if evaluation.severity == dg.AssetCheckSeverity.ERROR:
+                self.failures.append(f"check {name} failed")
+                self.console.print(f"[red]CHECK FAILED[/red] {name}")
+            else:
+                self.warnings.append(f"check {name} warns")
+                self.console.print(f"[yellow]check warning[/yellow] {name}")
+        return result.success and not any(f.startswith("check ") for f in self.failures)
+
+    def wait_for_download(self) -> bool:
+        """Poll GBIF like the sensor does, so a terminal build needs no daemon."""
+        deadline = time.monotonic() + self.options.wait_timeout_s
+        last = None
+        while True:
+            status = steps.pending_download_status(self.settings, self.home)
+            if status is None:
+                return True
+            key, state = status
+            if state != last:
+                self.console.print(f"  GBIF download {key}: {state}")
+                last = state
+            if state == "SUCCEEDED":
+                return True
+            if state in ("FAILED", "KILLED", "CANCELLED", "FILE_ERASED"):
+                hint = " (re-run to request a new download)" if state == "FILE_ERASED" else ""
+                self.failures.append(f"GBIF download {key} ended {state}{hint}")
+                return False
+            if time.monotonic() > deadline:
+                self.failures.append(
+                    f"GBIF download {key} still {state} after {self.options.wait_timeout_s:.0f} s"
+                )
+                return False
+            time.sleep(self.options.poll_seconds)
+
+
+def run_build(recipe: Recipe, options: BuildOptions) -> int:
+    """Build what was selected; 0 when every asset and blocking check passed."""
+    console = Console(stderr=False)
+    runner = _Runner(recipe, options, console)
+    name = recipe.name
+    try:
+        selected = _resolve_selection(options.select, runner.defs, recipe)
+    except BuildFailed as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        return 2
+    key = lambda asset: dg.AssetKey([name, asset])  # noqa: E731
+    upstream = [key(a) for a in UPSTREAM if key(a) in selected]
+    ok = True
+    if key("download_request") in upstream:
+        ok = runner.materialize([key("download_request")])
+        upstream.remove(key("download_request"))
+    if ok and key("occurrence_archive") in upstream and recipe.source.mode == "download":
+        ok = runner.wait_for_download()
+    if ok:
+        ok = runner.materialize(upstream)
+    if ok and key("images") in selected:
+        ok = _run_partitions(runner, key("images"))
+    if ok:
+        ok = runner.materialize([key(a) for a in DOWNSTREAM if key(a) in selected])
+    summarize(console, recipe, runner.home, runner.failures, runner.warnings)
+    return 0 if ok and not runner.failures else 1
+
+
+def _run_partitions(runner: _Runner, images_key: dg.AssetKey) -> bool:
+    recipe = runner.recipe
+    partitions_name = f"{recipe.name}_labels"
+    registered = runner.instance.get_dynamic_partitions(partitions_name)
+    if not registered:  # a fresh instance: the manifest on disk knows the labels
+        labels = steps.manifest_labels(runner.home)
+        if labels:
+            runner.instance.add_dynamic_partitions(partitions_name, labels)
+            registered = labels
+    wanted = runner.options.partitions or registered
+    unknown = [p for p in wanted if p not in registered]
+    if unknown:
+        shown = ", ".join(registered[:30]) or "none (build media_manifest first)"
+        runner.failures.append(f"unknown label(s) {', '.join(unknown)}; labels: {shown}")
+        runner.console.print(f"[red]error:[/red] {runner.failures[-1]}")
+        return False
+    ok = True
+    with runner.progress:
+        for label in wanted:
+            ok = runner.materialize([images_key], partition=label) and ok
+    return ok
+
+
+def dataset_paths(home: Path) -> dict[str, Path]:
+    """Where the user finds the output (printed by the summary)."""
+    return {
+        "images": home / "images",
+        "metadata": home / "metadata" / "images.parquet",
+        "reports": home / "reports",
+        "warehouse": home / "warehouse.duckdb",
+    }
+
+
+def summarize(
+    console: Console, recipe: Recipe, home: Path, failures: list[str], warnings: list[str]
+) -> None:
+    """Images per split and label, failures by reason, and where the files are."""
+    counts = steps.image_counts(home)
+    if counts:
+        splits = sorted({s for _, s in counts}, key=("train", "val", "test").index)
+        table = Table(title=f"{recipe.name}: images per label and split")
+        table.add_column("label")
+        for split in splits:
+            table.add_column(split, justify="right")
+        table.add_column("total", justify="right")
+        for label in sorted({lbl for lbl, _ in counts}):
+            row = [counts.get((label, s), 0) for s in splits]
+            table.add_row(label, *map(str, row), str(sum(row)))
+        console.print(table)
+    reasons = steps.failure_counts(home)
+    if reasons:
+        console.print(
+            "failed fetch attempts by reason: " + ", ".join(f"{k}={v}" for k, v in reasons.items())
+        )
+    for what, path in dataset_paths(home).items():
+        if path.exists():
+            console.print(f"  {what:<10} {path}")
+    for warning in warnings:
+        console.print(f"[yellow]warning:[/yellow] {warning}")
+    if failures:
+        console.print(f"[red]{len(failures)} failure(s):[/red]")
+        for failure in failures:
+            console.print(f"  - {failure}")
+    else:
+        console.print("[green]build succeeded[/green]")

@@ -1,0 +1,1 @@
+"""Dagster layer: assets, checks, sensors, schedules, resources and the `Definitions` factory."""

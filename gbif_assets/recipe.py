@@ -1,0 +1,423 @@
+"""Dataset recipes: one YAML file describes one training set, validated before anything runs.
+
+A bad recipe must fail at load time with the file, the field and what is allowed, because the
+alternative is a half-built dataset hours later.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+FIELD_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+HOST_RE = re.compile(
+    r"^(?=.{1,253}$)[a-z0-9*]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*$"
+)
+DOWNLOAD_KEY_RE = re.compile(r"^\d{7}-\d{15}$")
+DOI_RE = re.compile(r"^(https?://(dx\.)?doi\.org/|doi:)?(10\.\d{4,9}/\S+)$", re.IGNORECASE)
+
+_VERSIONS = ("1.0", "2.0", "2.5", "3.0", "4.0")
+_CC_KINDS = ("BY", "BY-SA", "BY-NC", "BY-NC-SA", "BY-ND", "BY-NC-ND")
+LICENSE_IDS: tuple[str, ...] = (
+    "CC0-1.0",
+    "PDM-1.0",
+    *(f"CC-{kind}-{v}" for kind in _CC_KINDS for v in _VERSIONS),
+    "all-rights-reserved",
+    "unknown",
+)
+SPLIT_NAMES = ("train", "val", "test")
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; the message names file, field and what is allowed."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _listify(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, list | tuple) else [value]
+
+
+class Source(_Model):
+    """Where occurrences come from: a new download, the search API, or an existing download."""
+
+    mode: Literal["download", "search", "existing"]
+    query: dict[str, list[str | int]] | None = None
+    predicate: dict[str, Any] | None = None
+    key: str | None = None
+
+    @field_validator("query", mode="before")
+    @classmethod
+    def _normalise_query(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            raise ValueError("must be a mapping of GBIF field -> value or list of values")
+        out: dict[str, list[Any]] = {}
+        for field, values in value.items():
+            if not isinstance(field, str) or not FIELD_RE.match(field):
+                raise ValueError(f"{field!r} is not a GBIF occurrence field name")
+            items = _listify(values)
+            if not items:
+                raise ValueError(f"{field}: give at least one value")
+            for item in items:
+                if isinstance(item, bool) or not isinstance(item, str | int):
+                    raise ValueError(f"{field}: values must be strings or integers, got {item!r}")
+            out[field] = items
+        return out
+
+    @field_validator("key")
+    @classmethod
+    def _check_key(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        value = value.strip()
+        if DOWNLOAD_KEY_RE.match(value):
+            return value
+        match = DOI_RE.match(value)
+        if match:
+            return match.group(3)
+        raise ValueError(
+            f"{value!r} is neither a GBIF download key (like 0012150-260108223611665) "
+            "nor a DOI (like 10.15468/dl.vnm42s)"
+        )
+
+    @model_validator(mode="after")
+    def _mode_fields(self) -> Source:
+        if self.mode == "existing":
+            if not self.key:
+                raise ValueError("mode 'existing' needs source.key (a download key or DOI)")
+            if self.query or self.predicate:
+                raise ValueError("mode 'existing' takes only source.key, not query or predicate")
+        elif self.key:
+            raise ValueError(f"source.key is only for mode 'existing', not {self.mode!r}")
+        if self.mode == "search":
+            if not self.query:
+                raise ValueError(
+                    "mode 'search' needs source.query (search cannot take a predicate)"
+                )
+            if self.predicate:
+                raise ValueError("mode 'search' takes source.query, not source.predicate")
+        if self.mode == "download" and bool(self.query) == bool(self.predicate):
+            raise ValueError(
+                "mode 'download' needs exactly one of source.query or source.predicate"
+            )
+        return self
+
+
+class AllowDeny(_Model):
+    allow: list[str] = Field(default_factory=list)
+    deny: list[str] = Field(default_factory=list)
+
+
+class PublisherFilter(AllowDeny):
+    @field_validator("allow", "deny")
+    @classmethod
+    def _uuids(cls, values: list[str]) -> list[str]:
+        for value in values:
+            try:
+                uuid.UUID(str(value))
+            except ValueError:
+                raise ValueError(
+                    f"{value!r} is not a datasetKey or publishingOrgKey (a UUID)"
+                ) from None
+        return [str(v).lower() for v in values]
+
+
+class HostFilter(AllowDeny):
+    @field_validator("allow", "deny")
+    @classmethod
+    def _hosts(cls, values: list[str]) -> list[str]:
+        out = []
+        for value in values:
+            host = str(value).strip().lower()
+            if not HOST_RE.match(host):
+                raise ValueError(
+                    f"{value!r} is not a host name (like inaturalist-open-data.s3.amazonaws.com)"
+                )
+            out.append(host)
+        return out
+
+
+class Filters(_Model):
+    """Which media may enter the training set."""
+
+    licenses: list[str] = Field(default_factory=lambda: ["CC0-1.0", "CC-BY-4.0"])
+    publishers: PublisherFilter = Field(default_factory=PublisherFilter)
+    hosts: HostFilter = Field(default_factory=HostFilter)
+    formats: list[str] = Field(default_factory=lambda: ["image/jpeg", "image/png"])
+    media_types: list[str] = Field(default_factory=lambda: ["StillImage"])
+    one_media_per_occurrence: bool = False
+    allow_occurrence_license: bool = False
+
+    @field_validator("licenses")
+    @classmethod
+    def _licenses(cls, values: list[str]) -> list[str]:
+        if not values:
+            raise ValueError("give at least one licence; allowed: " + ", ".join(LICENSE_IDS))
+        for value in values:
+            if value not in LICENSE_IDS:
+                raise ValueError(
+                    f"{value!r} is not a licence id; allowed: " + ", ".join(LICENSE_IDS)
+                )
+        return values
+
+    @field_validator("formats")
+    @classmethod
+    def _formats(cls, values: list[str]) -> list[str]:
+        for value in values:
+            if not re.match(r"^image/[a-z0-9.+-]+$", value):
+                raise ValueError(f"{value!r} is not an image MIME type (like image/jpeg)")
+        return values
+
+
+class Balance(_Model):
+    """Class balancing with gbif-dl's semantics (seeded random instead of first-N)."""
+
+    split_streams_by: list[str] = Field(default_factory=list)
+    nb_samples: int | None = None
+    nb_samples_per_stream: int | None = None
+    weighted_streams: bool = False
+    seed: int = 0
+
+    @field_validator("split_streams_by", mode="before")
+    @classmethod
+    def _streams(cls, value: Any) -> list[str]:
+        fields = _listify(value)
+        for field in fields:
+            if not isinstance(field, str) or not FIELD_RE.match(field):
+                raise ValueError(f"{field!r} is not an occurrence field name")
+        return fields
+
+    @field_validator("nb_samples")
+    @classmethod
+    def _nb_samples(cls, value: int | None) -> int | None:
+        if value is not None and value != -1 and value <= 0:
+            raise ValueError(
+                f"must be -1 (largest balanced set) or a positive integer, got {value}"
+            )
+        return value
+
+    @field_validator("nb_samples_per_stream")
+    @classmethod
+    def _per_stream(cls, value: int | None) -> int | None:
+        if value is not None and value <= 0:
+            raise ValueError(f"must be a positive integer, got {value}")
+        return value
+
+
+class Split(_Model):
+    """Train/val/test fractions; assignment is grouped by occurrence and stable."""
+
+    train: Annotated[float, Field(ge=0, le=1)] = 0.8
+    val: Annotated[float, Field(ge=0, le=1)] = 0.1
+    test: Annotated[float, Field(ge=0, le=1)] = 0.1
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> Split:
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"train + val + test must sum to 1, got {total:g}")
+        return self
+
+
+class Download(_Model):
+    """Fetch-engine settings; the defaults are polite to publishers."""
+
+    min_per_label: Annotated[int, Field(ge=0)] = 50
+    concurrency: Annotated[int, Field(ge=1, le=1024)] = 128
+    per_host: Annotated[int, Field(ge=1, le=64)] = 8
+    timeout_s: Annotated[float, Field(gt=0, le=3600)] = 30
+    retries: Annotated[int, Field(ge=0, le=10)] = 3
+    max_bytes: Annotated[int, Field(ge=1024)] = 25_000_000
+    resize_max_side: Annotated[int, Field(ge=16)] | None = None
+    gbif_image_cache_fallback: bool = True
+
+
+_CRON_RANGES = ((0, 59), (0, 23), (1, 31), (1, 12), (0, 7))
+_CRON_NAMES = (
+    None,
+    None,
+    None,
+    "jan feb mar apr may jun jul aug sep oct nov dec",
+    "sun mon tue wed thu fri sat",
+)
+
+
+def _cron_field_ok(text: str, lo: int, hi: int, names: str | None) -> bool:
+    lookup = {
+        n: i + (1 if names and names.startswith("jan") else 0)
+        for i, n in enumerate((names or "").split())
+    }
+    for part in text.split(","):
+        base, _, step = part.partition("/")
+        if step and not (step.isdigit() and int(step) > 0):
+            return False
+        if base == "*":
+            continue
+        bounds = base.split("-")
+        if len(bounds) > 2:
+            return False
+        for bound in bounds:
+            value = lookup.get(bound.lower()) if not bound.isdigit() else int(bound)
+            if value is None or not lo <= value <= hi:
+                return False
+    return True
+
+
+def validate_cron(expr: str) -> str:
+    """Check a 5-field cron expression so a typo fails at load, not when the schedule ticks."""
+    fields = expr.split()
+    if len(fields) != 5:
+        raise ValueError(
+            f"{expr!r} must have 5 fields (minute hour day-of-month month day-of-week)"
+        )
+    for text, (lo, hi), names in zip(fields, _CRON_RANGES, _CRON_NAMES, strict=True):
+        if not _cron_field_ok(text, lo, hi, names):
+            raise ValueError(
+                f"{expr!r}: field {text!r} is not valid cron (allowed {lo}-{hi}, *, ranges, steps)"
+            )
+    return expr
+
+
+class Recipe(_Model):
+    """One dataset: what to fetch, how to filter, balance and split it, and how to download."""
+
+    name: str
+    label: str = "speciesKey"
+    source: Source
+    filters: Filters = Field(default_factory=Filters)
+    balance: Balance = Field(default_factory=Balance)
+    split: Split = Field(default_factory=Split)
+    download: Download = Field(default_factory=Download)
+    refresh_cron: str | None = None
+    refresh_vanished: Literal["keep", "remove"] = "keep"
+    description: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not NAME_RE.match(value):
+            raise ValueError(
+                f"{value!r} must match [a-z][a-z0-9_]* (lower case, digits, underscores)"
+            )
+        return value
+
+    @field_validator("label")
+    @classmethod
+    def _label(cls, value: str) -> str:
+        if not FIELD_RE.match(value):
+            raise ValueError(f"{value!r} is not an occurrence field name (like speciesKey)")
+        return value
+
+    @field_validator("refresh_cron")
+    @classmethod
+    def _cron(cls, value: str | None) -> str | None:
+        return None if value is None else validate_cron(value)
+
+    @model_validator(mode="after")
+    def _predicate(self) -> Recipe:
+        if self.source.predicate is not None:
+            from gbif_assets.gbif.predicate import validate_predicate
+
+            validate_predicate(self.source.predicate)
+        return self
+
+    def predicate(self) -> dict[str, Any]:
+        """The GBIF download predicate this recipe asks for (StillImage media only)."""
+        from gbif_assets.gbif.predicate import query_to_predicate
+
+        if self.source.predicate is not None:
+            return self.source.predicate
+        if self.source.query is None:
+            raise RecipeError(f"recipe {self.name}: mode {self.source.mode!r} has no predicate")
+        return query_to_predicate(self.source.query)
+
+    def search_params(self) -> list[tuple[str, str]]:
+        """The occurrence-search parameters of the query (repeated parameters are OR'd)."""
+        from gbif_assets.gbif.predicate import query_to_search_params
+
+        return query_to_search_params(self.source.query or {})
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    return (
+        ".".join(str(part) for part in loc if not str(part).startswith("function-"))
+        or "(top level)"
+    )
+
+
+def parse_recipe(data: Any, origin: str) -> Recipe:
+    """Validate already-parsed YAML; `origin` names the file in every error."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"{origin}: the recipe must be a YAML mapping, got {type(data).__name__}")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown field (check the spelling against the recipe reference in README.md)"
+            elif err["type"] == "missing":
+                msg = "required field is missing"
+            lines.append(f"  {_format_loc(err['loc'])}: {msg}")
+        raise RecipeError(f"{origin}: invalid recipe\n" + "\n".join(lines)) from None
+    except ValueError as exc:  # predicate validation raised outside pydantic's wrapping
+        raise RecipeError(f"{origin}: invalid recipe\n  source.predicate: {exc}") from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate `datasets/<name>.yaml`; the file stem must equal the recipe name."""
+    path = Path(path)
+    origin = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError(f"{origin}: recipe file not found") from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"{origin}: not UTF-8 text") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{origin}: not valid YAML: {exc}") from None
+    recipe = parse_recipe(data, origin)
+    if path.stem != recipe.name:
+        raise RecipeError(
+            f"{origin}: name: {recipe.name!r} must equal the file name {path.stem!r} "
+            "(one file = one dataset = one asset group)"
+        )
+    return recipe
+
+
+def load_recipes(directory: str | Path) -> list[Recipe]:
+    """Every recipe in a folder, sorted by name; all errors are reported together."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise RecipeError(f"{directory}: recipe folder not found (set GBIF_ASSETS_DATASETS)")
+    recipes, errors = [], []
+    for path in sorted([*directory.glob("*.yaml"), *directory.glob("*.yml")]):
+        try:
+            recipes.append(load_recipe(path))
+        except RecipeError as exc:
+            errors.append(str(exc))
+    if errors:
+        raise RecipeError("\n".join(errors))
+    return recipes

@@ -1,0 +1,286 @@
+"""One function per asset, free of Dagster: the glue between recipe, settings and domain code.
+
+Assets, the command line and tests call these. Each step reads what its upstream left in the
+dataset home and writes its own output there, atomically, so any step can be re-run alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from gbif_assets.recipe import Recipe
+from gbif_assets.settings import Settings
+
+STATE_DIR = "state"
+REQUEST_STATE = "download_request.json"
+ARCHIVE_STATE = "archive.json"
+
+
+class StepError(RuntimeError):
+    """A step cannot run with what is on disk; the message says what to run first."""
+
+
+# -- files in the dataset home ------------------------------------------------------------------
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON through a temporary file and rename, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_state(home: Path, name: str) -> dict[str, Any] | None:
+    """A step's hand-off file, or None when that step never ran."""
+    path = home / STATE_DIR / name
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+
+def open_warehouse(home: Path, read_only: bool = False) -> duckdb.DuckDBPyConnection:
+    """The dataset's DuckDB file; only unpartitioned steps open it for writing."""
+    home.mkdir(parents=True, exist_ok=True)
+    path = home / "warehouse.duckdb"
+    if read_only and not path.exists():
+        raise StepError(f"{path} does not exist yet: materialize `occurrences` first")
+    con = duckdb.connect(str(path), read_only=read_only)
+    con.execute("SET threads = 2")
+    con.execute("SET preserve_insertion_order = false")
+    return con
+
+
+def _client(settings: Settings):
+    from gbif_assets.gbif import GbifClient
+
+    return GbifClient(settings.api_url, settings.username, settings.password, settings.email)
+
+
+def _require_credentials(settings: Settings, why: str) -> None:
+    missing = [
+        name
+        for name, value in (
+            ("GBIF_USERNAME", settings.username),
+            ("GBIF_PASSWORD", settings.password),
+            ("GBIF_EMAIL", settings.email),
+        )
+        if not value
+    ]
+    if missing:
+        raise StepError(f"{why} needs a GBIF account: set {', '.join(missing)}")
+
+
+# -- download_request / sensor ------------------------------------------------------------------
+
+
+@dataclass
+class DownloadRequest:
+    """A download GBIF accepted for this recipe."""
+
+    key: str
+    predicate: dict[str, Any]
+    note: str
+
+
+def request_download(recipe: Recipe, settings: Settings, home: Path) -> DownloadRequest:
+    """Post the recipe's predicate; GBIF gives the same key back for a repeat within 48 h."""
+    _require_credentials(settings, "download mode")
+    predicate = recipe.predicate()
+
+    async def go() -> str:
+        async with _client(settings) as client:
+            return await client.request_download(predicate)
+
+    key = asyncio.run(go())
+    previous = read_state(home, REQUEST_STATE)
+    note = (
+        "same key as the previous request"
+        if previous and previous.get("key") == key
+        else "new request"
+    )
+    write_json_atomic(
+        home / STATE_DIR / REQUEST_STATE,
+        {"key": key, "predicate": predicate, "requested_at": dt.datetime.now(dt.UTC).isoformat()},
+    )
+    return DownloadRequest(key=key, predicate=predicate, note=note)
+
+
+def download_status(settings: Settings, key: str) -> dict[str, Any]:
+    """GBIF's status document for a download key or DOI."""
+
+    async def go() -> dict[str, Any]:
+        async with _client(settings) as client:
+            return await client.download_status(key)
+
+    return asyncio.run(go())
+
+
+def pending_download_status(settings: Settings, home: Path) -> tuple[str, str] | None:
+    """(key, status) of the requested download, or None when nothing was requested."""
+    state = read_state(home, REQUEST_STATE)
+    if state is None:
+        return None
+    return state["key"], str(download_status(settings, state["key"]).get("status"))
+
+
+# -- occurrence_archive -------------------------------------------------------------------------
+
+
+@dataclass
+class ArchiveResult:
+    """The verified archive on disk and what GBIF says about it."""
+
+    key: str
+    doi: str | None
+    path: Path
+    size: int
+    total_records: int
+    fetched: bool
+    citation: str | None
+    format: str
+
+
+def _archive_key(recipe: Recipe, home: Path) -> str:
+    if recipe.source.mode == "existing":
+        assert recipe.source.key is not None
+        return recipe.source.key
+    state = read_state(home, REQUEST_STATE)
+    if state is None:
+        raise StepError("no download was requested yet: materialize `download_request` first")
+    return state["key"]
+
+
+def fetch_archive(recipe: Recipe, settings: Settings, home: Path) -> ArchiveResult:
+    """Resolve key or DOI, check the download is ready, and fetch the zip once per key."""
+    from gbif_assets.gbif import DownloadGone
+
+    wanted = _archive_key(recipe, home)
+
+    async def go() -> ArchiveResult:
+        async with _client(settings) as client:
+            status = await client.download_status(wanted)
+            key = status["key"]
+            state = status.get("status")
+            if state == "FILE_ERASED":
+                raise DownloadGone(f"download {key} was erased by GBIF: request a new download")
+            if state != "SUCCEEDED":
+                raise StepError(
+                    f"download {key} is {state}, not SUCCEEDED: the `gbif_download_status` sensor "
+                    "starts this asset when GBIF is done"
+                )
+            dest = home / "archive" / f"{key}.zip"
+            fetched = not dest.exists()
+            path = await client.fetch_archive(key, dest)
+            try:
+                citation = await client.citation(key)
+            except Exception:  # citation text is a nicety; the DOI is what matters
+                citation = None
+            return ArchiveResult(
+                key=key,
+                doi=status.get("doi"),
+                path=path,
+                size=path.stat().st_size,
+                total_records=int(status.get("totalRecords") or 0),
+                fetched=fetched,
+                citation=citation,
+                format=str(status.get("request", {}).get("format", "DWCA")),
+            )
+
+    result = asyncio.run(go())
+    write_json_atomic(
+        home / STATE_DIR / ARCHIVE_STATE,
+        {
+            "key": result.key,
+            "doi": result.doi,
+            "path": str(result.path),
+            "size": result.size,
+            "total_records": result.total_records,
+            "citation": result.citation,
+        },
+    )
+    return result
+
+
+# -- occurrences --------------------------------------------------------------------------------
+
+
+@dataclass
+class OccurrencesResult:
+    """What went into the `occurrences` table and what was skipped, and why."""
+
+    rows: int
+    occurrences: int
+    source: str
+    seconds: float
+    skipped: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    request_parameters: list[dict[str, Any]] = field(default_factory=list)
+    per_stream: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _need_per_stream(recipe: Recipe) -> int | None:
+    balance = recipe.balance
+    if balance.nb_samples_per_stream:
+        return balance.nb_samples_per_stream
+    if balance.nb_samples and balance.nb_samples > 0:
+        streams = 1
+        for field_name in balance.split_streams_by:
+            streams *= max(1, len((recipe.source.query or {}).get(field_name, [])))
+        return -(-balance.nb_samples // streams)
+    return None
+
+
+def load_occurrences(recipe: Recipe, settings: Settings, home: Path) -> OccurrencesResult:
+    """DwC-A to DuckDB (download/existing), or a paged, never-truncated search (search mode)."""
+    from gbif_assets.ingest import load_archive, load_search_records, required_fields
+
+    fields = required_fields(recipe)
+    started = time.monotonic()
+    con = open_warehouse(home)
+    try:
+        if recipe.source.mode == "search":
+            from gbif_assets.gbif import harvest
+
+            async def go():
+                async with _client(settings) as client:
+                    return await harvest(
+                        client,
+                        recipe.source.query or {},
+                        recipe.balance.split_streams_by,
+                        _need_per_stream(recipe),
+                    )
+
+            records, report = asyncio.run(go())
+            ingest = load_search_records(con, records, fields)
+            return OccurrencesResult(
+                rows=ingest.rows_loaded,
+                occurrences=ingest.occurrences,
+                source="occurrence search API",
+                seconds=time.monotonic() - started,
+                skipped=dict(ingest.skipped),
+                notes=list(ingest.notes) + list(getattr(report, "notes", [])),
+                request_parameters=report.requests_as_rows(),
+                per_stream=report.streams_as_rows(),
+            )
+        state = read_state(home, ARCHIVE_STATE)
+        if state is None or not Path(state["path"]).exists():
+            raise StepError("no archive on disk: materialize `occurrence_archive` first")
+        ingest = load_archive(Path(state["path"]), con, fields)
+        return OccurrencesResult(
+            rows=ingest.rows_loaded,
+            occurrences=ingest.occurrences,
+            source=f"{ingest.format} archive {Path(state['path']).name}",
+            seconds=time.monotonic() - started,
+            skipped=dict(ingest.skipped),
+            notes=list(ingest.notes),
+        )
+    finally:
+        con.close()
