@@ -1,0 +1,288 @@
+"""Publisher image hosts for the emulator: real aiohttp servers on 127.0.0.2, 127.0.0.3, ...
+
+Each host has one fault profile taken from what publishers really do to image downloaders:
+slow answers, dead links (404/403/401), 429 with Retry-After, flaky 5xx, connection resets,
+truncated bodies, HTML served as image/jpeg, huge files, decompression bombs and redirect chains.
+Every host counts its open connections so tests can assert the per-host politeness limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import io
+import random
+import time
+import zlib
+from dataclasses import dataclass, field
+from email.utils import formatdate
+from typing import Any
+
+from aiohttp import web
+from PIL import Image
+
+FAULTS = (
+    "ok",
+    "slow",
+    "dead404",
+    "dead403",
+    "dead401",
+    "rate429",
+    "flaky5xx",
+    "reset",
+    "truncate",
+    "html",
+    "huge",
+    "bomb",
+    "redirect",
+    "redirect_loop",
+    "redirect_scheme",
+    "hang",
+)
+
+
+@dataclass(frozen=True)
+class HostProfile:
+    """One publisher host: a loopback address and how it misbehaves."""
+
+    name: str
+    address: str
+    fault: str = "ok"
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.fault not in FAULTS:
+            raise ValueError(f"unknown fault {self.fault!r}; allowed: {', '.join(FAULTS)}")
+        if not self.address.startswith("127."):
+            raise ValueError(f"image hosts live on loopback only, not {self.address}")
+
+
+def default_profiles() -> list[HostProfile]:
+    """A realistic mix: most hosts healthy, a few dead, rate-limited, slow or hostile."""
+    return [
+        HostProfile("ok", "127.0.0.2", "ok"),
+        HostProfile("ok2", "127.0.0.3", "ok"),
+        HostProfile("slow", "127.0.0.4", "slow", {"delay_s": 0.05}),
+        HostProfile("dead404", "127.0.0.5", "dead404"),
+        HostProfile("rate429", "127.0.0.6", "rate429", {"every": 3, "retry_after": "1"}),
+        HostProfile("flaky5xx", "127.0.0.7", "flaky5xx", {"every": 3}),
+        HostProfile("html", "127.0.0.8", "html"),
+        HostProfile("redirect", "127.0.0.9", "redirect", {"hops": 2}),
+        HostProfile("dead403", "127.0.0.10", "dead403"),
+        HostProfile("truncate", "127.0.0.11", "truncate"),
+        HostProfile("reset", "127.0.0.12", "reset"),
+        HostProfile("bomb", "127.0.0.13", "bomb"),
+        HostProfile("huge", "127.0.0.14", "huge", {"bytes": 40_000_000}),
+        HostProfile("dead401", "127.0.0.15", "dead401"),
+    ]
+
+
+@functools.lru_cache(maxsize=8)
+def _base_jpeg(seed: int, size: tuple[int, int]) -> bytes:
+    """A real photo-like JPEG (noise + gradient) so size and decode cost resemble real images."""
+    rng = random.Random(seed)
+    width, height = size
+    img = Image.effect_noise((width, height), 40 + seed % 30).convert("RGB")
+    overlay = Image.linear_gradient("L").resize((width, height)).convert("RGB")
+    img = Image.blend(img, overlay, 0.3 + rng.random() * 0.3)
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=80 + seed % 10)
+    return buf.getvalue()
+
+
+def image_bytes(url: str, size_range: tuple[int, int] = (30_000, 80_000)) -> bytes:
+    """A deterministic, valid JPEG for a URL; its bytes (and sha256) differ per URL.
+
+    A handful of base images are cached; a COM segment after SOI carries the URL and padding, so
+    generation is cheap and the body length falls inside `size_range`.
+    """
+    digest = hashlib.sha256(url.encode()).digest()
+    base = _base_jpeg(digest[0] % 4, (320 + 16 * (digest[1] % 8), 240 + 16 * (digest[2] % 8)))
+    low, high = size_range
+    target = low + int.from_bytes(digest[3:7], "big") % max(1, high - low)
+    payload = url.encode()[:1000]
+    pad = max(0, min(65_000, target - len(base) - len(payload) - 4))
+    comment = payload + b"\x00" + digest * (pad // 32 + 1)
+    comment = comment[: len(payload) + 1 + pad]
+    segment = b"\xff\xfe" + (len(comment) + 2).to_bytes(2, "big") + comment
+    return base[:2] + segment + base[2:]
+
+
+@functools.lru_cache(maxsize=1)
+def bomb_png() -> bytes:
+    """A tiny PNG that claims 30,000 x 30,000 pixels (900 Mpx): a decompression bomb."""
+    width = height = 30_000
+    raw_row = b"\x00" + b"\x00" * width
+    compressor = zlib.compressobj(9)
+    data = b"".join(compressor.compress(raw_row) for _ in range(height)) + compressor.flush()
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = zlib.crc32(kind + body) & 0xFFFFFFFF
+        return len(body).to_bytes(4, "big") + kind + body + crc.to_bytes(4, "big")
+
+    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 0, 0, 0, 0])
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+
+
+HTML_PAGE = b"<!DOCTYPE html><html><head><title>Moved</title></head><body>Login required</body></html>"
+
+
+@dataclass
+class HostStats:
+    """Per-host counters the tests read: requests, open connections now and at most."""
+
+    requests: int = 0
+    open_connections: int = 0
+    max_open_connections: int = 0
+    by_status: dict[int, int] = field(default_factory=dict)
+
+
+class _Server(web.Server):
+    """Counts TCP connections (not requests), since politeness is about connections."""
+
+    def __init__(self, handler: Any, stats: HostStats) -> None:
+        super().__init__(handler, access_log=None)
+        self.stats = stats
+
+    def connection_made(self, handler: Any, transport: asyncio.Transport) -> None:
+        self.stats.open_connections += 1
+        self.stats.max_open_connections = max(self.stats.max_open_connections, self.stats.open_connections)
+        super().connection_made(handler, transport)
+
+    def connection_lost(self, handler: Any, exc: BaseException | None = None) -> None:
+        self.stats.open_connections -= 1
+        super().connection_lost(handler, exc)
+
+
+class _Host:
+    """One host's request handler implementing its fault profile."""
+
+    def __init__(self, profile: HostProfile, stats: HostStats, latency_s: float) -> None:
+        self.profile = profile
+        self.stats = stats
+        self.latency_s = latency_s
+        self.counter = 0
+
+    def _count(self, status: int) -> None:
+        self.stats.by_status[status] = self.stats.by_status.get(status, 0) + 1
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        self.stats.requests += 1
+        self.counter += 1
+        profile, params = self.profile, self.profile.params
+        if self.latency_s:
+            await asyncio.sleep(self.latency_s)
+        url = f"http://{request.host}{request.path_qs}"
+        fault = profile.fault
+        if request.path.startswith("/ok/"):  # a redirect target always works
+            fault = "ok"
+        if fault == "slow":
+            await asyncio.sleep(float(params.get("delay_s", 0.5)))
+        elif fault == "hang":
+            await asyncio.sleep(float(params.get("hang_s", 3600)))
+        elif fault in ("dead404", "dead403", "dead401"):
+            status = int(fault[-3:])
+            self._count(status)
+            return web.Response(status=status, text=f"{status} error", content_type="text/html")
+        elif fault == "rate429" and self.counter % int(params.get("every", 2)) != 0:
+            retry_after = str(params.get("retry_after", "1"))
+            if retry_after == "http-date":
+                retry_after = formatdate(time.time() + 1, usegmt=True)
+            self._count(429)
+            return web.Response(status=429, text="Too Many Requests", headers={"Retry-After": retry_after})
+        elif fault == "flaky5xx" and self.counter % int(params.get("every", 2)) != 0:
+            status = int(params.get("status", 503))
+            self._count(status)
+            return web.Response(status=status, text="Service Unavailable")
+        elif fault == "reset":
+            self._count(0)
+            assert request.transport is not None
+            request.transport.abort()
+            raise asyncio.CancelledError
+        elif fault == "html":
+            self._count(200)
+            return web.Response(body=HTML_PAGE, headers={"Content-Type": "image/jpeg"})
+        elif fault == "bomb":
+            self._count(200)
+            return web.Response(body=bomb_png(), headers={"Content-Type": "image/png"})
+        elif fault == "huge":
+            return await self._huge(request, int(params.get("bytes", 40_000_000)), bool(params.get("chunked")))
+        elif fault == "redirect":
+            hops = int(params.get("hops", 2))
+            hop = int(request.query.get("hop", "0"))
+            if hop < hops:
+                self._count(302)
+                target = f"{request.path}?hop={hop + 1}" if hop + 1 < hops else f"/ok{request.path}"
+                raise web.HTTPFound(target)
+        elif fault == "redirect_loop":
+            self._count(302)
+            raise web.HTTPFound(request.path_qs)
+        elif fault == "redirect_scheme":
+            self._count(302)
+            raise web.HTTPFound("file:///etc/passwd")
+        body = image_bytes(url.split("?")[0].replace("/ok/", "/", 1) if "/ok/" in url else url)
+        if fault == "truncate":
+            response = web.StreamResponse(headers={"Content-Type": "image/jpeg", "Content-Length": str(len(body))})
+            await response.prepare(request)
+            await response.write(body[: len(body) // 2])
+            assert request.transport is not None
+            request.transport.abort()
+            self._count(200)
+            return response
+        self._count(200)
+        return web.Response(body=body, headers={"Content-Type": "image/jpeg"})
+
+    async def _huge(self, request: web.BaseRequest, size: int, chunked: bool) -> web.StreamResponse:
+        headers = {"Content-Type": "image/jpeg"}
+        if not chunked:
+            headers["Content-Length"] = str(size)
+        response = web.StreamResponse(headers=headers)
+        await response.prepare(request)
+        chunk = image_bytes(str(request.url))[:65536].ljust(65536, b"\0")
+        sent = 0
+        try:
+            while sent < size:
+                await response.write(chunk[: size - sent])
+                sent += len(chunk)
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+        self._count(200)
+        return response
+
+
+class ImageHosts:
+    """Running image hosts: base URL and stats per profile name."""
+
+    def __init__(self) -> None:
+        self.base_urls: dict[str, str] = {}
+        self.profiles: dict[str, HostProfile] = {}
+        self.stats: dict[str, HostStats] = {}
+        self._runners: list[web.ServerRunner] = []
+
+    async def close(self) -> None:
+        """Stop every host."""
+        for runner in self._runners:
+            await runner.cleanup()
+        self._runners.clear()
+
+
+async def start_image_hosts(
+    profiles: list[HostProfile], port: int = 0, latency_s: float = 0.0
+) -> ImageHosts:
+    """Start one aiohttp server per profile on its loopback address (ephemeral port by default)."""
+    hosts = ImageHosts()
+    for profile in profiles:
+        stats = HostStats()
+        host = _Host(profile, stats, latency_s)
+        server = _Server(host.handle, stats)
+        runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=0.5)
+        await runner.setup()
+        site = web.TCPSite(runner, profile.address, port)
+        await site.start()
+        bound = runner.addresses[0][1]
+        hosts._runners.append(runner)
+        hosts.base_urls[profile.name] = f"http://{profile.address}:{bound}"
+        hosts.profiles[profile.name] = profile
+        hosts.stats[profile.name] = stats
+    return hosts

@@ -1,0 +1,59 @@
+"""Shared fixtures: a live GBIF emulator on loopback and an isolated environment per test."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATASETS = ROOT / "datasets"
+
+GBIF_TEST_USER = "gbif_assets_test"
+GBIF_TEST_PASSWORD = "emulator-only-password"
+
+
+@pytest.fixture(scope="session")
+def emulator() -> Iterator[object]:
+    """One emulator for the session: GBIF API, archives and publisher image hosts on 127.0.0.x."""
+    from gbif_assets.emulator import Emulator
+
+    with Emulator(users={GBIF_TEST_USER: GBIF_TEST_PASSWORD}) as emu:
+        yield emu
+
+
+@pytest.fixture
+def gbif_env(emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Environment of a user pointed at the emulator, with a fresh dataset home and recipes dir."""
+    home = tmp_path / "data"
+    datasets = tmp_path / "datasets"
+    datasets.mkdir()
+    monkeypatch.setenv("GBIF_API_URL", emulator.api_url)
+    monkeypatch.setenv("GBIF_ASSETS_HOME", str(home))
+    monkeypatch.setenv("GBIF_ASSETS_DATASETS", str(datasets))
+    monkeypatch.setenv("GBIF_ASSETS_ALLOW_PRIVATE_HOSTS", "1")
+    monkeypatch.setenv("GBIF_USERNAME", GBIF_TEST_USER)
+    monkeypatch.setenv("GBIF_PASSWORD", GBIF_TEST_PASSWORD)
+    monkeypatch.setenv("GBIF_EMAIL", "test@example.org")
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    return tmp_path
+
+
+def copy_recipe(name: str, dest_dir: Path, **replace: str) -> Path:
+    """Copy a shipped recipe into a test's datasets dir, optionally renaming it."""
+    src = DATASETS / f"{name}.yaml"
+    new_name = replace.get("name", name)
+    text = src.read_text(encoding="utf-8").replace(f"name: {name}\n", f"name: {new_name}\n")
+    dest = dest_dir / f"{new_name}.yaml"
+    dest.write_text(text, encoding="utf-8")
+    return dest
+
+
+@pytest.fixture
+def clean_copy(tmp_path: Path) -> Path:
+    """A copy of the shipped recipes folder (tests must not edit the real one)."""
+    dest = tmp_path / "datasets_copy"
+    shutil.copytree(DATASETS, dest)
+    return dest

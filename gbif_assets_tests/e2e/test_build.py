@@ -1,0 +1,136 @@
+"""End to end: recipes built through the Dagster definitions against the live emulator."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import duckdb
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from gbif_assets.build import BuildOptions, run_build
+from gbif_assets.recipe import load_recipe
+from gbif_assets_tests.conftest import ROOT, copy_recipe
+
+CONTRACT_COLUMNS = {
+    "path", "split", "label", "gbifID", "datasetKey", "publishingOrgKey", "url", "references",
+    "license", "license_raw", "rightsHolder", "creator", "sha256", "width", "height", "bytes",
+    "fetched_at",
+}  # fmt: skip
+
+
+def _assert_dataset(home: Path, recipe_labels: set[str] | None = None) -> set[str]:
+    """The contract's layout: ImageFolder tree, metadata with its columns, logs and reports."""
+    table = pq.read_table(home / "metadata" / "images.parquet")
+    assert table.num_rows > 0
+    assert CONTRACT_COLUMNS <= set(table.column_names)
+    rows = table.to_pylist()
+    labels = {r["label"] for r in rows}
+    if recipe_labels is not None:
+        assert labels == recipe_labels
+    for row in rows:
+        path = home / row["path"]
+        assert path.is_file(), path
+        parts = Path(row["path"]).parts
+        assert parts[0] == "images" and parts[1] == row["split"] and parts[2] == row["label"]
+        with Image.open(path) as img:
+            assert img.size == (row["width"], row["height"])
+    for label in labels:
+        log = pq.read_table(home / "metadata" / "downloads" / f"{label}.parquet")
+        assert log.num_rows >= sum(1 for r in rows if r["label"] == label)
+    reports = home / "reports"
+    for name in ("attribution.csv", "CITATION.cff", "citation.bib"):
+        assert (reports / name).is_file(), name
+    assert list(reports.glob("*link_rot*")), "link-rot report missing"
+    assert list(reports.glob("*licen*")), "licence report missing"
+    return labels
+
+
+def test_build_search_mode(gbif_env: Path) -> None:
+    path = copy_recipe("invasive_plants", gbif_env / "datasets")
+    recipe = load_recipe(path)
+    assert run_build(recipe, BuildOptions()) == 0
+    home = gbif_env / "data" / recipe.name
+    labels = _assert_dataset(home, {"5352251", "3190653", "3189866"})
+    for label in labels:  # every label is in train
+        assert any((home / "images" / "train" / label).iterdir())
+    con = duckdb.connect(str(home / "warehouse.duckdb"), read_only=True)
+    assert con.execute("select count(*) from occurrences").fetchone()[0] > 0
+    assert con.execute("select count(*) from media_manifest where selected").fetchone()[0] > 0
+    con.close()
+
+
+def test_build_download_mode_and_rebuild_is_idempotent(gbif_env: Path) -> None:
+    path = copy_recipe("invasive_plants_download", gbif_env / "datasets")
+    recipe = load_recipe(path)
+    options = BuildOptions(poll_seconds=0.2, wait_timeout_s=120)
+    assert run_build(recipe, options) == 0
+    home = gbif_env / "data" / recipe.name
+    archives = list((home / "archive").glob("*.zip"))
+    assert len(archives) == 1
+    _assert_dataset(home, {"5352251", "3190653", "3189866"})
+    files_before = {p: p.stat().st_mtime_ns for p in (home / "images").rglob("*.jp*g")}
+    archive_mtime = archives[0].stat().st_mtime_ns
+    assert run_build(recipe, options) == 0
+    assert archives[0].stat().st_mtime_ns == archive_mtime  # not fetched again
+    for path_, mtime in files_before.items():  # verified images are not fetched again
+        assert path_.stat().st_mtime_ns == mtime
+
+
+def test_select_one_asset_reuses_upstream(gbif_env: Path) -> None:
+    recipe = load_recipe(copy_recipe("invasive_plants", gbif_env / "datasets"))
+    assert run_build(recipe, BuildOptions(select="invasive_plants/occurrences,invasive_plants/media_manifest")) == 0
+    manifest = gbif_env / "data" / "invasive_plants" / "metadata" / "manifest.parquet"
+    assert manifest.is_file()
+    assert not (gbif_env / "data" / "invasive_plants" / "images").exists()
+    # one partition only, in a fresh Dagster instance: labels come from the manifest on disk
+    assert run_build(recipe, BuildOptions(select="invasive_plants/images", partitions=["5352251"])) == 0
+    assert (gbif_env / "data" / "invasive_plants" / "metadata" / "downloads" / "5352251.parquet").is_file()
+    assert not (gbif_env / "data" / "invasive_plants" / "metadata" / "downloads" / "3190653.parquet").exists()
+
+
+def test_select_errors_name_the_problem(gbif_env: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = load_recipe(copy_recipe("invasive_plants", gbif_env / "datasets"))
+    assert run_build(recipe, BuildOptions(select="invasive_plants/nonexistent")) == 2
+    assert "nonexistent" in capsys.readouterr().out
+    assert run_build(recipe, BuildOptions(select="invasive_plants/occurrences,invasive_plants/media_manifest")) == 0
+    assert run_build(recipe, BuildOptions(select="invasive_plants/images", partitions=["999"])) == 1
+    assert "unknown label(s) 999" in capsys.readouterr().out
+
+
+def test_cli_validate_prints_predicate() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "gbif_assets.cli", "validate", str(ROOT / "datasets" / "invasive_plants_download.yaml")],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    predicate = json.loads(out.stdout.split("GBIF download predicate:\n", 1)[1])
+    assert predicate["type"] == "and"
+    text = json.dumps(predicate)
+    assert "SPECIES_KEY" in text and "DATASET_KEY" in text and "MEDIA_TYPE" in text
+
+
+def test_cli_bad_recipe_exits_2_with_message(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: bad\nsource: {mode: search}\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "gbif_assets.cli", "build", str(bad)], capture_output=True, text=True
+    )
+    assert out.returncode == 2
+    assert str(bad) in out.stderr and "source" in out.stderr and "needs source.query" in out.stderr
+
+
+@pytest.mark.slow
+def test_demo_command_offline(tmp_path: Path) -> None:
+    """The README's main command, as a user runs it: a subprocess from the project folder."""
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith(("GBIF_", "DAGSTER_HOME"))}
+    out = subprocess.run(
+        [sys.executable, "-m", "gbif_assets.cli", "demo", "--home", str(tmp_path / "data")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "build succeeded" in out.stdout
+    _assert_dataset(tmp_path / "data" / "invasive_plants", {"5352251", "3190653", "3189866"})
