@@ -1,0 +1,87 @@
+"""Recipe queries to GBIF download predicates and search parameters.
+
+pygbif does the pure part (its `GbifDownload` predicate builder and its field-name table); its
+network functions are never called, since they hard-code GBIF's hosts.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from pygbif.occurrences.download import GbifDownload, key_lkup
+
+# where GBIF's real predicate keys differ from pygbif's table
+KEY_FIXES = {"publishingOrgKey": "PUBLISHING_ORG", "countryCode": "COUNTRY", "mediaType": "MEDIA_TYPE", "gbifID": "GBIF_ID"}
+COMPARISONS = {"equals", "greaterThan", "greaterThanOrEquals", "lessThan", "lessThanOrEquals", "like"}
+TYPES = COMPARISONS | {"and", "or", "not", "in", "isNull", "isNotNull", "within", "geoDistance"}
+KEY_RE = re.compile(r"^[A-Z][A-Z0-9_]*$")
+
+
+def predicate_key(field: str) -> str:
+    """GBIF predicate key of an occurrence field: speciesKey -> SPECIES_KEY."""
+    if field in KEY_FIXES:
+        return KEY_FIXES[field]
+    if field in key_lkup:
+        return key_lkup[field]
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", field).upper()
+
+
+def query_to_predicate(query: dict[str, list[Any]]) -> dict[str, Any]:
+    """AND across fields, IN (OR) within a field, always StillImage media only."""
+    builder = GbifDownload(creator="gbif-assets", email="unused@example.org")
+    for field, values in query.items():
+        key = predicate_key(field)
+        strings = [str(v) for v in values]
+        if len(strings) == 1:
+            builder.add_predicate_dict({"type": "equals", "key": key, "value": strings[0]})
+        else:
+            builder.add_predicate_dict({"type": "in", "key": key, "values": strings})
+    if "mediaType" not in query:
+        builder.add_predicate_dict({"type": "equals", "key": "MEDIA_TYPE", "value": "StillImage"})
+    return builder.payload["predicate"]
+
+
+def query_to_search_params(query: dict[str, list[Any]]) -> list[tuple[str, str]]:
+    """Occurrence-search parameters: repeated parameters are OR'd by GBIF, different ones AND'd."""
+    params = [(field, str(v)) for field, values in query.items() for v in values]
+    if "mediaType" not in query:
+        params.append(("mediaType", "StillImage"))
+    return params
+
+
+def validate_predicate(predicate: Any, path: str = "predicate") -> None:
+    """Reject what GBIF would answer with HTTP 400, naming where the problem is."""
+    if not isinstance(predicate, dict):
+        raise ValueError(f"{path}: must be a mapping with a 'type', got {type(predicate).__name__}")
+    kind = predicate.get("type")
+    if kind not in TYPES:
+        raise ValueError(f"{path}.type: {kind!r} is not a GBIF predicate type; allowed: {', '.join(sorted(TYPES))}")
+    if kind in ("and", "or"):
+        subs = predicate.get("predicates")
+        if not isinstance(subs, list) or not subs:
+            raise ValueError(f"{path}.predicates: '{kind}' needs a non-empty list of predicates")
+        for i, sub in enumerate(subs):
+            validate_predicate(sub, f"{path}.predicates[{i}]")
+        return
+    if kind == "not":
+        validate_predicate(predicate.get("predicate"), f"{path}.predicate")
+        return
+    if kind == "within":
+        if not isinstance(predicate.get("geometry"), str):
+            raise ValueError(f"{path}.geometry: 'within' needs a WKT geometry string")
+        return
+    if kind == "geoDistance":
+        for name in ("latitude", "longitude", "distance"):
+            if name not in predicate:
+                raise ValueError(f"{path}.{name}: 'geoDistance' needs latitude, longitude and distance")
+        return
+    key = predicate.get("key") if kind not in ("isNull", "isNotNull") else predicate.get("parameter", predicate.get("key"))
+    if not isinstance(key, str) or not KEY_RE.match(key):
+        raise ValueError(f"{path}.key: {key!r} is not a GBIF search parameter (like SPECIES_KEY)")
+    if kind == "in":
+        values = predicate.get("values")
+        if not isinstance(values, list) or not values:
+            raise ValueError(f"{path}.values: 'in' needs a non-empty list")
+    elif kind in COMPARISONS and "value" not in predicate:
+        raise ValueError(f"{path}.value: '{kind}' needs a value")
