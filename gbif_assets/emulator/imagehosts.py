@@ -245,8 +245,8 @@ class _Host:
             while sent < size:
                 await response.write(chunk[: size - sent])
                 sent += len(chunk)
-        except (ConnectionResetError, asyncio.CancelledError):
-            pass
+        except (ConnectionError, asyncio.CancelledError):
+            pass  # the client cut the body at its max_bytes, as it should
         self._count(200)
         return response
 

@@ -1,0 +1,195 @@
+"""One label's images: read its manifest rows, fetch to quota, write its own Parquet files.
+
+A partition touches only `images/*/<label>/`, `metadata/partitions/<label>.parquet` and
+`metadata/downloads/<label>.parquet`, so a backfill can run every label in parallel. After a
+crash (even `kill -9`) no partial file sits at a final path; a re-run counts the verified files
+already there and fetches only what is missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import os
+import re
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from gbif_assets.fetch.engine import Candidate, FetchConfig, FetchEngine, Outcome, Progress
+from gbif_assets.fetch.verify import verify_image
+
+KEPT_SCHEMA = pa.schema(
+    [
+        ("url", pa.string()), ("url_sha1", pa.string()), ("path", pa.string()), ("split", pa.string()),
+        ("label", pa.string()), ("gbifID", pa.string()), ("stream", pa.string()), ("rank", pa.int32()),
+        ("sha256", pa.string()), ("width", pa.int32()), ("height", pa.int32()), ("bytes", pa.int64()),
+        ("mime", pa.string()), ("source", pa.string()), ("fetched_at", pa.timestamp("us", tz="UTC")),
+    ]
+)  # fmt: skip
+ATTEMPT_SCHEMA = pa.schema(
+    [
+        ("url", pa.string()), ("host", pa.string()), ("final_url", pa.string()), ("status", pa.int32()),
+        ("error", pa.string()), ("detail", pa.string()), ("bytes", pa.int64()), ("ms", pa.float64()),
+        ("attempt", pa.int32()), ("source", pa.string()), ("stream", pa.string()), ("gbifID", pa.string()),
+        ("fetched_at", pa.timestamp("us", tz="UTC")),
+    ]
+)  # fmt: skip
+
+
+def label_dir(label: str) -> str:
+    """A label value as a folder name (GBIF keys are digits; other labels may need escaping)."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("._")
+    return cleaned or "_"
+
+
+@dataclass
+class LabelFetchResult:
+    """What one partition achieved (the `images` asset's metadata)."""
+
+    label: str
+    target: int
+    kept: int
+    already_present: int
+    fetched: int
+    rescued_by_gbif_cache: int
+    failures: dict[str, int]
+    shortfall: list[dict[str, Any]]
+    attempts: int
+    seconds: float
+    images_per_second: float
+    log_path: Path
+    kept_path: Path
+    notes: list[str] = field(default_factory=list)
+
+    def figures(self) -> dict[str, Any]:
+        """The progress-line shape, for the final log line."""
+        return {"done": self.kept, "target": self.target, "rate": self.images_per_second,
+                "failed": sum(self.failures.values()), "failures": self.failures, "eta_s": 0}  # fmt: skip
+
+
+def _write_parquet(table: pa.Table, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".parquet.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    return pq.read_table(path).to_pylist() if path.exists() else []
+
+
+def _manifest_rows(manifest: Path, label: str) -> list[dict[str, Any]]:
+    con = duckdb.connect()
+    try:
+        cur = con.execute(
+            """SELECT identifier AS url, url_sha1, "gbifID", stream, rank, selected, split, stream_target
+               FROM read_parquet(?) WHERE label = ? ORDER BY stream, rank""",
+            [str(manifest), label],
+        )
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+    finally:
+        con.close()
+
+
+def _existing(dest: Path, sha1: str) -> Path | None:
+    for path in dest.glob(f"{sha1}.*"):
+        if not path.name.endswith(".part"):
+            return path
+    return None
+
+
+def download_label(
+    manifest_parquet: Path,
+    label: str,
+    home: Path,
+    config: FetchConfig,
+    progress: Callable[[Progress], None] | None = None,
+) -> LabelFetchResult:
+    """Fetch one label to quota; see the module docstring for what it writes."""
+    started = time.monotonic()
+    if not manifest_parquet.exists():
+        raise FileNotFoundError(f"{manifest_parquet} not found: materialize `media_manifest` first")
+    rows = _manifest_rows(manifest_parquet, label)
+    if not rows:
+        raise ValueError(f"label {label!r} has no candidates in {manifest_parquet}")
+    folder = label_dir(label)
+    for split in ("train", "val", "test"):
+        for stale in (home / "images" / split / folder).glob(".*.part"):
+            stale.unlink(missing_ok=True)  # left by a killed run; never at a final path
+    kept_path = home / "metadata" / "partitions" / f"{label_dir(label)}.parquet"
+    log_path = home / "metadata" / "downloads" / f"{label_dir(label)}.parquet"
+    previous = {r["url_sha1"]: r for r in _read_rows(kept_path)}
+    kept: list[dict[str, Any]] = []
+    streams: dict[str, tuple[list[Candidate], int]] = {}
+    present: Counter[str] = Counter()
+    for row in rows:
+        dest = home / "images" / row["split"] / folder
+        found = _existing(dest, row["url_sha1"])
+        if found is not None and present[row["stream"]] < row["stream_target"]:
+            record = previous.get(row["url_sha1"])
+            if record is None or record.get("path") != found.relative_to(home).as_posix():
+                verified = verify_image(str(found), config.max_pixels)
+                if not verified.ok:
+                    found.unlink()
+                    found = None
+                else:
+                    record = _kept_row(row, label, found, home, verified.sha256, verified.width, verified.height,
+                                       verified.size, verified.mime, "publisher", dt.datetime.now(dt.UTC))  # fmt: skip
+            if found is not None:
+                kept.append(record)
+                present[row["stream"]] += 1
+                continue
+        cands, _ = streams.setdefault(row["stream"], ([], int(row["stream_target"])))
+        cands.append(Candidate(row["url"], row["url_sha1"], row["gbifID"], row["stream"], int(row["rank"]), bool(row["selected"]), dest))
+    todo = {s: (c, max(0, t - present[s])) for s, (c, t) in streams.items()}
+    engine = FetchEngine(config, progress)
+    outcomes: list[Outcome] = asyncio.run(engine.run(todo)) if any(t for _, t in todo.values()) else []
+    by_sha = {r["url_sha1"]: r for r in rows}
+    for outcome in outcomes:
+        if outcome.ok and outcome.path and outcome.verified:
+            v = outcome.verified
+            kept.append(_kept_row(by_sha[outcome.candidate.url_sha1], label, outcome.path, home, v.sha256, v.width,
+                                  v.height, v.size, v.mime, outcome.source or "publisher", outcome.fetched_at))  # fmt: skip
+    attempts = _read_rows(log_path) + engine.attempts
+    _write_parquet(pa.Table.from_pylist(attempts, schema=ATTEMPT_SCHEMA), log_path)
+    _write_parquet(pa.Table.from_pylist(kept, schema=KEPT_SCHEMA), kept_path)
+    targets = {s: int(r["stream_target"]) for r in rows for s in [r["stream"]]}
+    got = Counter(r["stream"] for r in kept)
+    shortfall = [{"stream": s, "target": t, "kept": got[s], "missing": t - got[s]} for s, t in sorted(targets.items()) if got[s] < t]
+    seconds = time.monotonic() - started
+    fetched = sum(1 for o in outcomes if o.ok)
+    return LabelFetchResult(
+        label=label,
+        target=sum(targets.values()),
+        kept=len(kept),
+        already_present=sum(present.values()),
+        fetched=fetched,
+        rescued_by_gbif_cache=sum(1 for o in outcomes if o.ok and o.source == "gbif_cache"),
+        failures=dict(Counter(a["error"] for a in engine.attempts if a["error"])),
+        shortfall=shortfall,
+        attempts=len(engine.attempts),
+        seconds=round(seconds, 2),
+        images_per_second=round(fetched / seconds, 1) if seconds else 0.0,
+        log_path=log_path,
+        kept_path=kept_path,
+        notes=[f"{len(shortfall)} stream(s) short of target: candidates ran out"] if shortfall else [],
+    )
+
+
+def _kept_row(row: dict[str, Any], label: str, path: Path, home: Path, sha256: str | None, width: int, height: int,
+              size: int, mime: str | None, source: str, fetched_at: dt.datetime | None) -> dict[str, Any]:  # fmt: skip
+    return {
+        "url": row["url"], "url_sha1": row["url_sha1"], "path": path.relative_to(home).as_posix(),
+        "split": row["split"], "label": label, "gbifID": row["gbifID"], "stream": row["stream"],
+        "rank": int(row["rank"]), "sha256": sha256, "width": width, "height": height, "bytes": size,
+        "mime": mime, "source": source, "fetched_at": fetched_at,
+    }  # fmt: skip

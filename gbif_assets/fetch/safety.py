@@ -1,0 +1,72 @@
+"""What the fetch engine refuses to touch: other schemes, private addresses, fake images.
+
+Image URLs come from thousands of publishers; a downloader that follows them blindly can be
+pointed at a cloud metadata endpoint or an intranet, or fed an HTML page or a decompression
+bomb. Every hop of every redirect is checked here, and again at connect time by the resolver.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from typing import Any
+
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import DefaultResolver
+
+ALLOWED_SCHEMES = ("http", "https")
+MAGIC = (
+    (b"\xff\xd8\xff", "image/jpeg", "jpg"),
+    (b"\x89PNG\r\n\x1a\n", "image/png", "png"),
+    (b"GIF87a", "image/gif", "gif"),
+    (b"GIF89a", "image/gif", "gif"),
+    (b"II*\x00", "image/tiff", "tif"),
+    (b"MM\x00*", "image/tiff", "tif"),
+)
+
+
+class BlockedAddress(OSError):
+    """A host that resolves only to loopback, private, link-local or multicast addresses."""
+
+
+def address_allowed(address: str, allow_private: bool) -> bool:
+    """Public unicast addresses only, unless private hosts are explicitly allowed."""
+    ip = ipaddress.ip_address(address.split("%")[0])
+    if allow_private:
+        return not ip.is_multicast and not ip.is_unspecified
+    return not (
+        ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_reserved or ip.is_unspecified
+    )
+
+
+def sniff(head: bytes) -> tuple[str, str] | None:
+    """(mime, extension) from magic bytes; None for anything that is not an image we keep."""
+    for magic, mime, ext in MAGIC:
+        if head.startswith(magic):
+            return mime, ext
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "image/webp", "webp"
+    return None
+
+
+class GuardedResolver(AbstractResolver):
+    """DNS resolution that drops disallowed addresses, so a rebinding trick cannot slip through."""
+
+    def __init__(self, allow_private: bool) -> None:
+        self._inner = DefaultResolver()
+        self._allow_private = allow_private
+
+    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+        results = await self._inner.resolve(host, port, family)
+        allowed = [r for r in results if address_allowed(r["host"], self._allow_private)]
+        if not allowed:
+            raise BlockedAddress(f"{host} resolves only to non-public addresses")
+        return allowed
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
+def resolver_kwargs() -> dict[str, Any]:
+    """Keyword arguments for TCPConnector that keep DNS answers cached."""
+    return {"ttl_dns_cache": 300, "use_dns_cache": True}

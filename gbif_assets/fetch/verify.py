@@ -1,0 +1,71 @@
+"""CPU work on downloaded files, run in a worker process so the event loop never stalls.
+
+Each check opens the image with a pixel limit (decompression bombs are rejected from the header,
+before any decoding), decodes it cheaply (JPEG draft mode), optionally stores a resized copy, and
+hashes exactly the bytes that will be kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+PIL_FORMATS = {"JPEG": ("image/jpeg", "jpg"), "PNG": ("image/png", "png"), "GIF": ("image/gif", "gif"),
+               "WEBP": ("image/webp", "webp"), "TIFF": ("image/tiff", "tif")}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Verified:
+    """Outcome of checking one file; `error` is an error class when it failed."""
+
+    ok: bool
+    error: str | None = None
+    detail: str | None = None
+    width: int = 0
+    height: int = 0
+    mime: str | None = None
+    ext: str | None = None
+    sha256: str | None = None
+    size: int = 0
+
+
+def verify_image(path: str, max_pixels: int, resize_max_side: int | None = None) -> Verified:
+    """Check, optionally resize in place, and hash the file at `path`."""
+    Image.MAX_IMAGE_PIXELS = None  # we enforce max_pixels ourselves, from the header
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            fmt = img.format or ""
+            if fmt not in PIL_FORMATS:
+                return Verified(False, "not_image", f"unsupported image format {fmt or 'unknown'}")
+            if width * height > max_pixels:
+                return Verified(False, "too_large", f"{width}x{height} pixels exceeds {max_pixels:,} (decompression bomb?)")
+            if fmt == "JPEG":
+                img.draft("RGB", (max(1, width // 8), max(1, height // 8)))
+            img.load()
+            if resize_max_side and max(width, height) > resize_max_side:
+                resized = img.convert("RGB") if img.mode not in ("RGB", "L") else img
+                if fmt == "JPEG":
+                    with Image.open(path) as full:
+                        full.load()
+                        resized = full.convert("RGB") if full.mode not in ("RGB", "L") else full.copy()
+                resized.thumbnail((resize_max_side, resize_max_side))
+                tmp = path + ".resized"
+                resized.save(tmp, "JPEG" if fmt == "JPEG" else "PNG", quality=90)
+                os.replace(tmp, path)
+                width, height = resized.size
+                fmt = "JPEG" if fmt == "JPEG" else "PNG"
+    except Image.DecompressionBombError as exc:
+        return Verified(False, "too_large", str(exc))
+    except (OSError, SyntaxError, ValueError) as exc:
+        return Verified(False, "decode_error", f"{type(exc).__name__}: {exc}"[:300])
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    mime, ext = PIL_FORMATS[fmt]
+    return Verified(True, width=width, height=height, mime=mime, ext=ext, sha256=digest.hexdigest(), size=Path(path).stat().st_size)
