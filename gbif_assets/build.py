@@ -7,6 +7,7 @@ request, wait for GBIF, run the unpartitioned upstream, one run per label, then 
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Iterable
@@ -20,7 +21,7 @@ from rich.table import Table
 
 from gbif_assets import steps
 from gbif_assets.defs.definitions import build_definitions
-from gbif_assets.defs.resources import ProgressSink
+from gbif_assets.defs.resources import ProgressSink, default_resources
 from gbif_assets.recipe import Recipe
 from gbif_assets.settings import Settings
 
@@ -52,11 +53,12 @@ class BuildFailed(RuntimeError):
 
 def _instance(settings: Settings) -> dg.DagsterInstance:
     """The user's instance when DAGSTER_HOME is set, else a SQLite one beside the data."""
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     if os.environ.get("DAGSTER_HOME"):
         return dg.DagsterInstance.get()
     root = settings.home / ".dagster"
     root.mkdir(parents=True, exist_ok=True)
-    return dg.DagsterInstance.local_temp(tempdir=str(root))
+    return dg.DagsterInstance.local_temp(tempdir=str(root), overrides={"telemetry": {"enabled": False}})
 
 
 def _resolve_selection(
@@ -104,7 +106,9 @@ class _Runner:
             transient=False,
         )
         self._tasks: dict[str, int] = {}
-        self.defs = build_definitions([recipe], progress=ProgressSink(self._on_progress))
+        sink = ProgressSink(self._on_progress)
+        self.defs = build_definitions([recipe], progress=sink)
+        self.resources = default_resources(sink)
         self.assets = list(self.defs.assets or []) + list(self.defs.asset_checks or [])
         self.failures: list[str] = []
         self.warnings: list[str] = []
@@ -138,6 +142,7 @@ class _Runner:
             self.assets,
             selection=dg.AssetSelection.assets(*keys),
             instance=self.instance,
+            resources=self.resources,
             partition_key=partition,
             raise_on_error=False,
             run_config=self._run_config(),

@@ -284,3 +284,256 @@ def load_occurrences(recipe: Recipe, settings: Settings, home: Path) -> Occurren
         )
     finally:
         con.close()
+
+
+# -- media_manifest -----------------------------------------------------------------------------
+
+
+def build_media_manifest(recipe: Recipe, home: Path):
+    """Filters, balance and split in DuckDB; exports the Parquet the image partitions read."""
+    from gbif_assets.manifest import build_manifest, class_distribution_plot, export_manifest
+
+    con = open_warehouse(home)
+    try:
+        tables = {r[0] for r in con.execute("SHOW TABLES").fetchall()}
+        if "occurrences" not in tables:
+            raise StepError("table `occurrences` is missing: materialize `occurrences` first")
+        result = build_manifest(con, recipe)
+        export_manifest(con, home / "metadata" / "manifest.parquet")
+    finally:
+        con.close()
+    if result.per_label:
+        result.class_distribution = class_distribution_plot(result.per_label, home / "reports" / "class_distribution.png")
+    return result
+
+
+def manifest_labels(home: Path) -> list[str]:
+    """Labels in the exported manifest, most selected first (empty when there is none)."""
+    path = home / "metadata" / "manifest.parquet"
+    if not path.exists():
+        return []
+    con = duckdb.connect()
+    try:
+        rows = con.execute(
+            "SELECT label FROM read_parquet(?) GROUP BY label ORDER BY count(*) FILTER (WHERE selected) DESC, label",
+            [str(path)],
+        ).fetchall()
+    finally:
+        con.close()
+    return [r[0] for r in rows]
+
+
+def check_split_leakage(home: Path) -> list[str]:
+    """No occurrence and no URL in two splits."""
+    from gbif_assets.manifest import check_split_leakage as leakage
+
+    con = open_warehouse(home, read_only=True)
+    try:
+        return leakage(con)
+    finally:
+        con.close()
+
+
+# -- images -------------------------------------------------------------------------------------
+
+
+def fetch_config(recipe: Recipe, settings: Settings):
+    """The engine's settings from the recipe's `download` block and the environment."""
+    from gbif_assets.fetch import FetchConfig
+
+    d = recipe.download
+    return FetchConfig(
+        concurrency=d.concurrency,
+        per_host=d.per_host,
+        timeout_s=d.timeout_s,
+        retries=d.retries,
+        max_bytes=d.max_bytes,
+        resize_max_side=d.resize_max_side,
+        gbif_image_cache_fallback=d.gbif_image_cache_fallback,
+        image_cache_base=f"{settings.api_url}/image/cache",
+        allow_private_hosts=settings.allow_private_hosts,
+    )
+
+
+def progress_line(label: str, figures: dict[str, Any]) -> str:
+    """One log line: done / target, rate, failures by class, ETA."""
+    failures = figures.get("failures") or {}
+    eta = figures.get("eta_s")
+    return (
+        f"[{label}] {figures.get('done', 0)}/{figures.get('target', 0)} images, "
+        f"{figures.get('rate', 0):.1f}/s"
+        + (", failures " + ", ".join(f"{k}={v}" for k, v in sorted(failures.items())) if failures else "")
+        + (f", ETA {eta:.0f} s" if eta else "")
+    )
+
+
+def download_images(recipe: Recipe, settings: Settings, home: Path, label: str, report=None):
+    """One label partition: fetch to quota, write its own Parquet files."""
+    from gbif_assets.fetch import download_label
+
+    return download_label(
+        home / "metadata" / "manifest.parquet",
+        label,
+        home,
+        fetch_config(recipe, settings),
+        (lambda p: report(p.as_dict())) if report else None,
+    )
+
+
+# -- image_metadata and reports -----------------------------------------------------------------
+
+
+def merge_metadata(recipe: Recipe, home: Path):
+    """All partitions merged and de-duplicated, plus the DuckDB `images` table and pictures."""
+    from gbif_assets.reports.metadata import merge_image_metadata
+
+    con = open_warehouse(home)
+    try:
+        return merge_image_metadata(home, con)
+    finally:
+        con.close()
+
+
+def check_files_match(home: Path) -> list[str]:
+    from gbif_assets.reports.metadata import check_files_match as files_match
+
+    return files_match(home)
+
+
+def check_hash_leakage(home: Path) -> list[str]:
+    from gbif_assets.reports.metadata import check_hash_leakage as leakage
+
+    return leakage(home)
+
+
+def check_licenses(recipe: Recipe, home: Path) -> list[str]:
+    from gbif_assets.reports.metadata import check_licenses as licenses
+
+    return licenses(home, list(recipe.filters.licenses))
+
+
+def check_quota(recipe: Recipe, home: Path) -> tuple[list[str], list[dict[str, Any]]]:
+    """Labels with fewer kept images than `download.min_per_label`."""
+    counts = {}
+    for (label, _split), n in image_counts(home).items():
+        counts[label] = counts.get(label, 0) + n
+    need = recipe.download.min_per_label
+    rows = [{"label": k, "images": v, "min_per_label": need} for k, v in sorted(counts.items())]
+    return [f"label {r['label']}: {r['images']} images < {need}" for r in rows if r["images"] < need], rows
+
+
+def license_report(recipe: Recipe, settings: Settings, home: Path):
+    from gbif_assets.reports.licenses import license_report as report
+
+    return report(home)
+
+
+def attribution(recipe: Recipe, settings: Settings, home: Path):
+    from gbif_assets.reports.licenses import attribution as attribute
+
+    return attribute(home)
+
+
+def citation(recipe: Recipe, settings: Settings, home: Path):
+    """Download DOI and GBIF's citation text, or a registered derived dataset in search mode."""
+    from gbif_assets.reports.citation import derived_dataset_request, write_citation
+
+    if recipe.source.mode != "search":
+        state = read_state(home, ARCHIVE_STATE) or {}
+        return write_citation(home, recipe.name, recipe.source.mode, state.get("doi"), state.get("citation"))
+    params = "&".join(f"{k}={v}" for k, v in recipe.search_params())
+    body = derived_dataset_request(
+        home,
+        title=f"{recipe.name}: image training set from GBIF occurrence media",
+        source_url=f"https://www.gbif.org/occurrence/search?{params}",
+        description=recipe.description or f"Images of {recipe.name} selected by gbif-assets from a GBIF occurrence search.",
+    )
+    answer = None
+    if settings.username and settings.password and body["relatedDatasets"]:
+
+        async def register() -> dict[str, Any]:
+            async with _client(settings) as client:
+                return await client.create_derived_dataset(
+                    body["title"], body["sourceUrl"], body["relatedDatasets"], description=body.get("description")
+                )
+
+        answer = asyncio.run(register())
+    return write_citation(home, recipe.name, "search", None, None, derived_request=body, derived_answer=answer)
+
+
+def link_rot_report(recipe: Recipe, settings: Settings, home: Path):
+    from gbif_assets.reports.linkrot import link_rot_report as report
+
+    return report(home)
+
+
+@dataclass
+class ExportsResult:
+    """Exports and pictures written for the user."""
+
+    rows: int
+    hf_metadata: Path
+    croissant: Path
+    class_balance: Path
+    contact_sheets: list[str]
+    per_label: list[dict[str, Any]]
+    first_contact_sheet: Path | None = None
+
+
+def exports(recipe: Recipe, settings: Settings, home: Path) -> ExportsResult:
+    """HF imagefolder metadata, Croissant JSON-LD, contact sheets and the class-balance plot."""
+    from gbif_assets.reports.exports import export_all
+    from gbif_assets.reports.pictures import class_balance_plot, contact_sheets
+
+    cite = home / "reports" / "citation.md"
+    text = cite.read_text(encoding="utf-8").split("> ", 1)[-1].split("\n", 1)[0] if cite.exists() else "GBIF.org"
+    result = export_all(home, recipe.name, recipe.description or f"GBIF image training set {recipe.name}", text)
+    plot, per_label = class_balance_plot(home)
+    sheets = contact_sheets(home)
+    return ExportsResult(
+        rows=result.rows,
+        hf_metadata=result.hf_metadata,
+        croissant=result.croissant,
+        class_balance=plot,
+        contact_sheets=[str(p.relative_to(home)) for p in sheets],
+        per_label=per_label,
+        first_contact_sheet=sheets[0] if sheets else None,
+    )
+
+
+# -- summary ------------------------------------------------------------------------------------
+
+
+def image_counts(home: Path) -> dict[tuple[str, str], int]:
+    """(label, split) -> images, from the merged metadata or else the partition files."""
+    merged = home / "metadata" / "images.parquet"
+    parts = sorted((home / "metadata" / "partitions").glob("*.parquet"))
+    if merged.exists():
+        source = f"read_parquet('{merged.as_posix()}')"
+    elif parts:
+        source = "read_parquet([" + ", ".join(f"'{p.as_posix()}'" for p in parts) + "])"
+    else:
+        return {}
+    con = duckdb.connect()
+    try:
+        rows = con.execute(f"SELECT label, split, count(*) FROM {source} GROUP BY ALL").fetchall()
+    finally:
+        con.close()
+    return {(label, split): int(n) for label, split, n in rows}
+
+
+def failure_counts(home: Path) -> dict[str, int]:
+    """Failed fetch attempts by error class, over every label's log."""
+    logs = sorted((home / "metadata" / "downloads").glob("*.parquet"))
+    if not logs:
+        return {}
+    con = duckdb.connect()
+    try:
+        rows = con.execute(
+            "SELECT error, count(*) FROM read_parquet(["
+            + ", ".join(f"'{p.as_posix()}'" for p in logs)
+            + "]) WHERE error IS NOT NULL GROUP BY error ORDER BY 2 DESC"
+        ).fetchall()
+    finally:
+        con.close()
+    return {e: int(n) for e, n in rows}

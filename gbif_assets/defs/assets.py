@@ -5,7 +5,6 @@ into Dagster metadata. Assets hand data to each other through files in the datas
 single asset can be re-run alone (`--select`) on what its upstream left on disk.
 """
 
-from __future__ import annotations
 
 import dagster as dg
 
@@ -156,16 +155,15 @@ def build_dataset_assets(recipe: Recipe) -> list[dg.AssetsDefinition]:
         partitions_def=partitions,
         deps=[media_manifest],
         automation_condition=dg.AutomationCondition.eager(),
+        required_resource_keys={"gbif", "storage", "progress"},
         description="The images of one label: files in the ImageFolder layout plus a Parquet log "
         "of every fetch attempt. Writes only this label's files.",
     )
-    def images(
-        context: dg.AssetExecutionContext,
-        gbif: GbifApiResource,
-        storage: StorageResource,
-        progress: ProgressSink,
-    ) -> dg.MaterializeResult:
+    def images(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         label = context.partition_key
+        gbif: GbifApiResource = context.resources.gbif
+        storage: StorageResource = context.resources.storage
+        progress: ProgressSink = context.resources.progress
         settings = settings_from(gbif, storage)
 
         def report(figures: dict) -> None:

@@ -3,7 +3,6 @@
 Blocking checks stop downstream assets, so a leaking split never reaches the reports.
 """
 
-from __future__ import annotations
 
 import dagster as dg
 

@@ -1,6 +1,5 @@
 """The one `Definitions` object: every recipe in `$GBIF_ASSETS_DATASETS` becomes an asset group."""
 
-from __future__ import annotations
 
 import os
 from pathlib import Path

@@ -3,7 +3,6 @@
 Secrets come in through `dg.EnvVar`, so the UI shows the variable name and never its value.
 """
 
-from __future__ import annotations
 
 import os
 from collections.abc import Callable

@@ -1,6 +1,5 @@
 """Monthly (or any `refresh_cron`) refresh of each dataset."""
 
-from __future__ import annotations
 
 import dagster as dg
 

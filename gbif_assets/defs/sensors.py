@@ -4,7 +4,6 @@ One sensor serves all datasets; its JSON cursor keeps one entry per dataset (key
 whether it is settled), so datasets never block each other and a restart resumes exactly.
 """
 
-from __future__ import annotations
 
 import json
 

@@ -13,6 +13,8 @@ import functools
 import hashlib
 import io
 import random
+import socket
+import struct
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -197,8 +199,7 @@ class _Host:
             return web.Response(status=status, text="Service Unavailable")
         elif fault == "reset":
             self._count(0)
-            assert request.transport is not None
-            request.transport.abort()
+            _reset(request)
             raise asyncio.CancelledError
         elif fault == "html":
             self._count(200)
@@ -226,8 +227,8 @@ class _Host:
             response = web.StreamResponse(headers={"Content-Type": "image/jpeg", "Content-Length": str(len(body))})
             await response.prepare(request)
             await response.write(body[: len(body) // 2])
-            assert request.transport is not None
-            request.transport.abort()
+            await asyncio.sleep(0.01)
+            _reset(request)
             self._count(200)
             return response
         self._count(200)
@@ -249,6 +250,16 @@ class _Host:
             pass  # the client cut the body at its max_bytes, as it should
         self._count(200)
         return response
+
+
+def _reset(request: web.BaseRequest) -> None:
+    """Close the connection with a TCP RST (SO_LINGER 0), as a crashing server does."""
+    transport = request.transport
+    assert transport is not None
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
 
 
 class ImageHosts:

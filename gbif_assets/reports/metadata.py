@@ -1,0 +1,173 @@
+"""`image_metadata`: every partition's kept images merged with the manifest, de-duplicated.
+
+Exact duplicates (same sha256) keep one copy: the train copy first, then the lowest rank, then
+the path, so the choice is stable; the others are listed in metadata/duplicates.parquet and their
+files removed, so every file has a row and no image sits in two splits.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from gbif_assets.ingest.tables import replace_table
+
+CONTRACT_COLUMNS = [
+    "path", "split", "label", "gbifID", "datasetKey", "publishingOrgKey", "url", "references",
+    "license", "license_raw", "rightsHolder", "creator", "sha256", "width", "height", "bytes",
+    "fetched_at",
+]  # fmt: skip
+
+
+@dataclass
+class MetadataResult:
+    """Figures of the merged metadata (the asset's metadata)."""
+
+    rows: int
+    duplicates_removed: int
+    near_duplicates: int
+    per_split: dict[str, int]
+    labels: int
+    path: Path
+    notes: list[str] = field(default_factory=list)
+
+
+def _glob(home: Path, folder: str) -> str | None:
+    files = sorted((home / "metadata" / folder).glob("*.parquet"))
+    return None if not files else "[" + ", ".join(f"'{f.as_posix()}'" for f in files) + "]"
+
+
+def merged_select(home: Path) -> str:
+    """SQL over the partition files joined with the manifest, one row per kept file."""
+    parts = _glob(home, "partitions")
+    if parts is None:
+        raise FileNotFoundError(f"{home / 'metadata' / 'partitions'} has no Parquet files: materialize `images` first")
+    manifest = (home / "metadata" / "manifest.parquet").as_posix()
+    return f"""
+        SELECT k.path, k.split, k.label, k."gbifID", m."datasetKey", m."publishingOrgKey", k.url,
+               m."references", m.license_id AS license, m."license" AS license_raw, m."rightsHolder",
+               m.creator, k.sha256, k.width, k.height, k.bytes, k.fetched_at,
+               k.source, m.license_source, m.title, k.stream, k.rank, k.mime, m."scientificName", m.species
+        FROM read_parquet({parts}, union_by_name = true) k
+        LEFT JOIN read_parquet('{manifest}') m ON m.url_sha1 = k.url_sha1 AND m.label = k.label
+    """
+
+
+def _write(con: duckdb.DuckDBPyConnection, sql: str, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".parquet.tmp")
+    con.execute(f"COPY ({sql}) TO '{tmp.as_posix()}' (FORMAT parquet)")
+    os.replace(tmp, path)
+
+
+def merge_image_metadata(home: Path, warehouse: duckdb.DuckDBPyConnection | None = None, near_duplicates: bool = True) -> MetadataResult:
+    """Write metadata/images.parquet (and table `images` when a warehouse is given)."""
+    con = duckdb.connect()
+    try:
+        con.execute(f"CREATE TEMP TABLE merged AS {merged_select(home)}")
+        con.execute(
+            """CREATE TEMP TABLE ranked AS
+               SELECT *, row_number() OVER (PARTITION BY sha256
+                   ORDER BY CASE split WHEN 'train' THEN 0 WHEN 'val' THEN 1 ELSE 2 END, rank, path) AS dup_rank,
+                   first_value(path) OVER (PARTITION BY sha256
+                   ORDER BY CASE split WHEN 'train' THEN 0 WHEN 'val' THEN 1 ELSE 2 END, rank, path) AS keeper
+               FROM merged"""
+        )
+        dups = con.execute("SELECT path FROM ranked WHERE dup_rank > 1").fetchall()
+        _write(con, "SELECT * EXCLUDE (dup_rank, keeper), keeper AS duplicate_of FROM ranked WHERE dup_rank > 1", home / "metadata" / "duplicates.parquet")
+        for (path,) in dups:
+            (home / path).unlink(missing_ok=True)
+        con.execute("CREATE TEMP TABLE kept AS SELECT * EXCLUDE (dup_rank, keeper), NULL::VARCHAR AS near_duplicate_of FROM ranked WHERE dup_rank = 1")
+        near = _near_duplicates(con, home) if near_duplicates else 0
+        out = home / "metadata" / "images.parquet"
+        _write(con, "SELECT * FROM kept ORDER BY split, label, path", out)
+        per_split = dict(con.execute("SELECT split, count(*) FROM kept GROUP BY split").fetchall())
+        rows = sum(per_split.values())
+        labels = con.execute("SELECT count(DISTINCT label) FROM kept").fetchone()[0]
+    finally:
+        con.close()
+    if warehouse is not None:
+        replace_table(warehouse, "images", f"SELECT * FROM read_parquet('{out.as_posix()}')")
+    notes = [f"{len(dups)} exact duplicate file(s) removed (listed in metadata/duplicates.parquet)"] if dups else []
+    if near:
+        notes.append(f"{near} near-duplicate image(s) flagged in column near_duplicate_of (perceptual hash)")
+    return MetadataResult(rows=rows, duplicates_removed=len(dups), near_duplicates=near, per_split=per_split, labels=int(labels), path=out, notes=notes)
+
+
+def _near_duplicates(con: duckdb.DuckDBPyConnection, home: Path) -> int:
+    """Flag images whose perceptual hash equals another's (resized or re-encoded copies)."""
+    import imagehash
+    from PIL import Image
+
+    seen: dict[str, str] = {}
+    flagged: list[tuple[str, str]] = []
+    for (path,) in con.execute("SELECT path FROM kept ORDER BY CASE split WHEN 'train' THEN 0 ELSE 1 END, rank, path").fetchall():
+        try:
+            with Image.open(home / path) as img:
+                img.draft("RGB", (64, 64))
+                key = str(imagehash.phash(img))
+        except OSError:
+            continue
+        if key in seen:
+            flagged.append((path, seen[key]))
+        else:
+            seen[key] = path
+    if flagged:
+        con.executemany("UPDATE kept SET near_duplicate_of = ? WHERE path = ?", [(keep, p) for p, keep in flagged])
+    return len(flagged)
+
+
+def check_files_match(home: Path) -> list[str]:
+    """Every image file on disk has a row, and every row has its file."""
+    table = home / "metadata" / "images.parquet"
+    if not table.exists():
+        return [f"{table} does not exist"]
+    con = duckdb.connect()
+    try:
+        rows = {r[0] for r in con.execute(f"SELECT path FROM read_parquet('{table.as_posix()}')").fetchall()}
+    finally:
+        con.close()
+    files = {p.relative_to(home).as_posix() for p in (home / "images").rglob("*") if p.is_file() and not p.name.startswith(".") and p.name != "metadata.csv"}
+    problems = [f"file without a row: {p}" for p in sorted(files - rows)]
+    problems += [f"row without a file: {p}" for p in sorted(rows - files)]
+    return problems
+
+
+def check_hash_leakage(home: Path) -> list[str]:
+    """The same bytes in two splits would leak test images into training."""
+    table = (home / "metadata" / "images.parquet").as_posix()
+    con = duckdb.connect()
+    try:
+        found = con.execute(
+            f"SELECT sha256, string_agg(DISTINCT split, ',') FROM read_parquet('{table}') GROUP BY sha256 HAVING count(DISTINCT split) > 1"
+        ).fetchall()
+    finally:
+        con.close()
+    return [f"sha256 {h} is in splits {s}" for h, s in found]
+
+
+def check_licenses(home: Path, allowed: list[str]) -> list[str]:
+    """Rows whose licence the recipe does not allow."""
+    table = (home / "metadata" / "images.parquet").as_posix()
+    con = duckdb.connect()
+    try:
+        rows = con.execute(f"SELECT path, license FROM read_parquet('{table}')").fetchall()
+    finally:
+        con.close()
+    return [f"{p}: licence {lic} not allowed" for p, lic in rows if lic not in allowed]
+
+
+def rows_of(home: Path, sql_from_images: str) -> list[dict[str, Any]]:
+    """Run a query over metadata/images.parquet (exposed as `images`) and return dict rows."""
+    con = duckdb.connect()
+    try:
+        con.execute(f"CREATE VIEW images AS SELECT * FROM read_parquet('{(home / 'metadata' / 'images.parquet').as_posix()}')")
+        cur = con.execute(sql_from_images)
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+    finally:
+        con.close()
