@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,11 +42,16 @@ def gbif_env(emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
-def copy_recipe(name: str, dest_dir: Path, **replace: str) -> Path:
+def copy_recipe(source: str, dest_dir: Path, name: str | None = None) -> Path:
     """Copy a shipped recipe into a test's datasets dir, optionally renaming it."""
-    src = DATASETS / f"{name}.yaml"
-    new_name = replace.get("name", name)
-    text = src.read_text(encoding="utf-8").replace(f"name: {name}\n", f"name: {new_name}\n")
+    src = DATASETS / f"{source}.yaml"
+    new_name = name or source
+    text = src.read_text(encoding="utf-8").replace(f"name: {source}\n", f"name: {new_name}\n")
+    # the emulator's hostile hosts make a few requests wait for the timeout: keep tests quick
+    if "timeout_s:" in text:
+        text = re.sub(r"timeout_s: [0-9.]+", "timeout_s: 3", text)
+    else:
+        text = text.replace("download:\n", "download:\n  timeout_s: 3\n", 1)
     dest = dest_dir / f"{new_name}.yaml"
     dest.write_text(text, encoding="utf-8")
     return dest

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from gbif_assets.defs.assets import build_dataset_assets, labels_partitions
+from gbif_assets.defs.assets import build_dataset_assets
 from gbif_assets.defs.checks import build_dataset_checks
 from gbif_assets.defs.resources import ProgressSink, default_resources
 from gbif_assets.defs.schedules import build_refresh_schedule
@@ -31,7 +31,6 @@ def build_definitions(
             dg.define_asset_job(
                 images_job_name(recipe),
                 selection=dg.AssetSelection.assets(dg.AssetKey([recipe.name, "images"])),
-                partitions_def=labels_partitions(recipe),
             )
         )
         schedule = build_refresh_schedule(recipe)

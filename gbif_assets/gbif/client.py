@@ -106,10 +106,10 @@ class GbifClient:
             raise RuntimeError("use GbifClient as `async with GbifClient(...) as client`")
         return self._session
 
-    def _auth(self) -> aiohttp.BasicAuth:
+    def _auth(self) -> dict[str, str]:
         if not self.username or not self._password:
             raise GbifAuthError("this GBIF call needs GBIF_USERNAME and GBIF_PASSWORD", 401)
-        return aiohttp.BasicAuth(self.username, self._password)
+        return {"Authorization": aiohttp.encode_basic_auth(self.username, self._password)}
 
     def _backoff(self, attempt: int) -> float:
         delay = min(self.backoff_max_s, self.backoff_base_s * 2**attempt)
@@ -130,7 +130,7 @@ class GbifClient:
         while True:
             try:
                 async with self.session.request(
-                    method, url, params=params, json=body, auth=self._auth() if auth else None
+                    method, url, params=params, json=body, headers=self._auth() if auth else None
                 ) as response:
                     status = response.status
                     text = await response.text(errors="replace")

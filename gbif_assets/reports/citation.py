@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from gbif_assets.reports.metadata import rows_of
 
@@ -39,26 +42,32 @@ def derived_dataset_request(home: Path, title: str, source_url: str, description
 
 
 def _cff(title: str, doi: str | None, citation_text: str, today: str) -> str:
-    lines = [
-        "cff-version: 1.2.0",
-        f'message: "{citation_text.replace(chr(34), chr(39))}"',
-        "type: dataset",
-        f'title: "{title}"',
-        "authors:",
-        '  - name: "GBIF.org"',
-        f"date-released: {today}",
-    ]
+    """CITATION.cff 1.2.0, dumped by a YAML library so any citation text stays valid YAML."""
+    doc: dict[str, Any] = {
+        "cff-version": "1.2.0",
+        "message": citation_text,
+        "type": "dataset",
+        "title": title,
+        "authors": [{"name": "GBIF.org"}],
+        "date-released": dt.date.fromisoformat(today),
+    }
     if doi:
-        lines += ["identifiers:", "  - type: doi", f"    value: {doi}", f"doi: {doi}", f"url: https://doi.org/{doi}"]
-    return "\n".join(lines) + "\n"
+        doc.update(doi=doi, url=f"https://doi.org/{doi}", identifiers=[{"type": "doi", "value": doi}])
+    return yaml.safe_dump(doc, sort_keys=False, allow_unicode=True)
+
+
+def _bib_escape(text: str) -> str:
+    """BibTeX-safe text: braces balanced away and LaTeX specials escaped."""
+    text = text.replace("\\", " ").replace("{", "(").replace("}", ")")
+    return re.sub(r"([%&#$_])", r"\\\1", text)
 
 
 def _bib(key: str, title: str, doi: str | None, year: int, note: str) -> str:
-    fields = [f"  author = {{{{GBIF.org}}}}", f"  title = {{{title}}}", f"  year = {{{year}}}", "  publisher = {GBIF}"]
+    fields = ["  author = {{GBIF.org}}", f"  title = {{{_bib_escape(title)}}}", f"  year = {{{year}}}", "  publisher = {GBIF}"]
     if doi:
         fields += [f"  doi = {{{doi}}}", f"  url = {{https://doi.org/{doi}}}"]
-    fields.append(f"  note = {{{note}}}")
-    return f"@misc{{{key},\n" + ",\n".join(fields) + "\n}\n"
+    fields.append(f"  note = {{{_bib_escape(note)}}}")
+    return f"@misc{{{re.sub(r'[^A-Za-z0-9_:-]', '_', key)},\n" + ",\n".join(fields) + "\n}\n"
 
 
 def write_citation(
@@ -72,13 +81,16 @@ def write_citation(
 ) -> CitationResult:
     """reports/CITATION.cff, citation.bib and citation.md (and the derived-dataset request)."""
     reports = home / "reports"
-    reports.mkdir(parents=True, exist_ok=True)
     today = dt.date.today()
     warnings: list[str] = []
     files = ["CITATION.cff", "citation.bib", "citation.md"]
     related = 0
+    if mode == "search" and derived_request is None:
+        raise ValueError("citation: search mode needs the derived-dataset request (derived_dataset_request(...))")
+    reports.mkdir(parents=True, exist_ok=True)
+    if mode != "search" and not doi:
+        warnings.append(f"{mode} mode: no download DOI known yet; the citation names GBIF.org without a DOI")
     if mode == "search":
-        assert derived_request is not None
         related = len(derived_request["relatedDatasets"])
         (reports / "derived_dataset_request.json").write_text(json.dumps(derived_request, indent=2), encoding="utf-8")
         files.append("derived_dataset_request.json")
@@ -96,7 +108,8 @@ def write_citation(
                 "to get a DOI; the request is in reports/derived_dataset_request.json"
             )
     title = f"{name}: image training set from GBIF occurrence media"
-    text = (citation_text or f"GBIF.org ({today}) GBIF Occurrence Download https://doi.org/{doi}").strip()
+    fallback = f"GBIF.org ({today.isoformat()}) GBIF Occurrence Download" + (f" https://doi.org/{doi}" if doi else "")
+    text = " ".join((citation_text or fallback).split())
     (reports / "CITATION.cff").write_text(_cff(title, doi, text, today.isoformat()), encoding="utf-8")
     (reports / "citation.bib").write_text(_bib(f"gbif_{name}", title, doi, today.year, text), encoding="utf-8")
     md = f"# How to cite {name}\n\n> {text}\n\n"

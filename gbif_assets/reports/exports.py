@@ -5,7 +5,9 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,29 +17,47 @@ from gbif_assets.reports.licenses import write_csv
 from gbif_assets.reports.metadata import rows_of
 
 
+SPLITS = ("train", "val", "test")
+HF_COLUMNS = ["file_name", "label", "gbif_id", "license", "creator", "source_url"]
+
+
 @dataclass
 class ExportResult:
     """Where the exports are."""
 
     rows: int
     hf_metadata: Path
+    hf_metadata_files: list[Path]
+    table_csv: Path
     croissant: Path
 
 
-def hf_metadata(home: Path) -> tuple[Path, int]:
-    """images/metadata.csv: `file_name` relative to images/, plus label and licence columns."""
+def hf_metadata(home: Path) -> tuple[list[Path], Path, int]:
+    """images/<split>/metadata.csv for Hugging Face `imagefolder`, and reports/images.csv (all rows).
+
+    `imagefolder` reads one metadata file per split folder, with `file_name` relative to that
+    folder (a single images/metadata.csv is ignored when split folders exist); `val` maps to the
+    `validation` split by the library's split-name keywords.
+    """
     rows = rows_of(
         home,
         """SELECT substr(path, length('images/') + 1) AS file_name, label, split, "gbifID" AS gbif_id,
-                  license, coalesce(creator, "rightsHolder") AS creator, coalesce("references", url) AS source_url
+                  license, coalesce(creator, "rightsHolder") AS creator, coalesce("references", url) AS source_url, path
            FROM images ORDER BY path""",
     )
-    path = write_csv(home / "images" / "metadata.csv", rows, ["file_name", "label", "split", "gbif_id", "license", "creator", "source_url"])
-    return path, len(rows)
+    written = []
+    for split in sorted({r["split"] for r in rows}):
+        if split not in SPLITS:
+            raise ValueError(f"images.parquet has split {split!r}; exports know only {', '.join(SPLITS)}")
+        part = [dict(r, file_name=r["file_name"].split("/", 1)[1]) for r in rows if r["split"] == split]
+        written.append(write_csv(home / "images" / split / "metadata.csv", part, HF_COLUMNS))
+    table = write_csv(home / "reports" / "images.csv", rows, ["file_name", "split", *HF_COLUMNS[1:], "path"])
+    return written, table, len(rows)
 
 
-def croissant(home: Path, name: str, description: str, citation: str, licenses: list[str]) -> Path:
-    """A Croissant 1.0 description of the image set and its metadata table."""
+def croissant(home: Path, name: str, description: str, citation: str, licenses: list[str], formats: list[tuple[str, str]]) -> Path:
+    """<home>/croissant.json: a Croissant 1.0 description of the image set and its metadata table
+    (at the dataset root, so its relative contentUrl values resolve against the dataset folder)."""
     urls = [license_url(lic) or lic for lic in licenses]
     doc: dict[str, Any] = {
         "@context": {
@@ -87,19 +107,24 @@ def croissant(home: Path, name: str, description: str, citation: str, licenses: 
         "distribution": [
             {
                 "@type": "cr:FileObject",
-                "@id": "metadata.csv",
-                "name": "metadata.csv",
-                "contentUrl": "images/metadata.csv",
+                "@id": "images.csv",
+                "name": "images.csv",
+                "description": "one row per image: file_name relative to images/, label, split, licence, credit",
+                "contentUrl": "reports/images.csv",
                 "encodingFormat": "text/csv",
-                "sha256": _sha256(home / "images" / "metadata.csv"),
+                "sha256": _sha256(home / "reports" / "images.csv"),
             },
-            {
-                "@type": "cr:FileSet",
-                "@id": "image-files",
-                "name": "image-files",
-                "encodingFormat": "image/jpeg",
-                "includes": "images/*/*/*.jpg",
-            },
+            *[
+                {
+                    "@type": "cr:FileSet",
+                    "@id": f"{ext}-files",
+                    "name": f"{ext}-files",
+                    "description": f"{mime} images in the ImageFolder layout images/<split>/<label>/",
+                    "encodingFormat": mime,
+                    "includes": f"images/*/*/*.{ext}",
+                }
+                for ext, mime in formats
+            ],
         ],
         "recordSet": [
             {
@@ -109,6 +134,7 @@ def croissant(home: Path, name: str, description: str, citation: str, licenses: 
                 "field": [
                     _field("file_name", "sc:Text", "file_name", "path relative to images/"),
                     _field("label", "sc:Text", "label", "class label (GBIF key)"),
+                    _field("path", "sc:Text", "path", "path relative to the dataset folder"),
                     _field("split", "sc:Text", "split", "train, val or test"),
                     _field("gbif_id", "sc:Text", "gbif_id", "GBIF occurrence id"),
                     _field("license", "sc:Text", "license", "normalized licence id of the image"),
@@ -118,9 +144,10 @@ def croissant(home: Path, name: str, description: str, citation: str, licenses: 
             }
         ],
     }
-    path = home / "reports" / "croissant.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=2), encoding="utf-8")
+    path = home / "croissant.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=2), encoding="utf-8")
+    os.replace(tmp, path)
     return path
 
 
@@ -131,18 +158,20 @@ def _field(name: str, data_type: str, column: str, description: str) -> dict[str
         "name": name,
         "description": description,
         "dataType": data_type,
-        "source": {"fileObject": {"@id": "metadata.csv"}, "extract": {"column": column}},
+        "source": {"fileObject": {"@id": "images.csv"}, "extract": {"column": column}},
     }
 
 
 def _sha256(path: Path) -> str:
-    import hashlib
-
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def export_all(home: Path, name: str, description: str, citation: str) -> ExportResult:
-    """Both exports; the Croissant file lists the licences actually present."""
-    hf, rows = hf_metadata(home)
-    licenses = [r["license"] for r in rows_of(home, "SELECT DISTINCT license FROM images ORDER BY 1")]
-    return ExportResult(rows=rows, hf_metadata=hf, croissant=croissant(home, name, description, citation, licenses))
+    """Both exports; the Croissant file lists the licences and image formats actually present."""
+    files, table, rows = hf_metadata(home)
+    licenses = [r["license"] for r in rows_of(home, "SELECT DISTINCT license FROM images WHERE license IS NOT NULL ORDER BY 1")]
+    mimes = {"jpg": "image/jpeg", "jpeg": "image/jpeg", "png": "image/png", "gif": "image/gif", "webp": "image/webp", "tif": "image/tiff", "tiff": "image/tiff"}
+    exts = sorted({r["ext"] for r in rows_of(home, "SELECT DISTINCT lower(regexp_extract(path, '\\.([^.]+)$', 1)) AS ext FROM images")})
+    formats = [(ext, mimes.get(ext, f"image/{ext}")) for ext in exts]
+    path = croissant(home, name, description, citation, licenses, formats)
+    return ExportResult(rows=rows, hf_metadata=home / "images", hf_metadata_files=files, table_csv=table, croissant=path)

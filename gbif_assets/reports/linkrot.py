@@ -66,19 +66,19 @@ def link_rot_report(home: Path) -> LinkRotReport:
                    WHEN cache_ok THEN 'rescued' ELSE 'invalid' END AS verdict FROM links"""
         )
 
-        def grouped(key: str, name: str) -> list[dict[str, Any]]:
+        def grouped(keys: str) -> list[dict[str, Any]]:
             return _rows(
                 con,
-                f"""SELECT {key} AS {name}, count(*) FILTER (WHERE verdict = 'valid') AS valid,
+                f"""SELECT {keys}, count(*) FILTER (WHERE verdict = 'valid') AS valid,
                            count(*) FILTER (WHERE verdict <> 'valid') AS invalid,
                            count(*) FILTER (WHERE verdict = 'rescued') AS rescued_by_gbif_cache,
                            round(100.0 * count(*) FILTER (WHERE verdict <> 'valid') / count(*), 1) AS link_rot_percent
-                    FROM judged GROUP BY ALL ORDER BY link_rot_percent DESC, {name}""",
+                    FROM judged GROUP BY ALL ORDER BY link_rot_percent DESC, {keys}""",
             )
 
-        per_label = grouped("label", "label")
-        per_host = grouped("host", "host")
-        per_publisher = grouped('"datasetKey", "publishingOrgKey"', "publisher")
+        per_label = grouped("label")
+        per_host = grouped("host")
+        per_publisher = grouped('"datasetKey", "publishingOrgKey"')
         per_error = _rows(
             con,
             """SELECT coalesce(last_error, 'ok') AS error_class, last_status AS status, count(*) AS links

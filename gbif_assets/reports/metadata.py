@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import pyarrow.parquet as pq
 
 from gbif_assets.ingest.tables import replace_table
 
@@ -21,6 +22,10 @@ CONTRACT_COLUMNS = [
     "license", "license_raw", "rightsHolder", "creator", "sha256", "width", "height", "bytes",
     "fetched_at",
 ]  # fmt: skip
+# Occurrence columns carried along when the manifest has them (search and archive modes differ).
+TAXON_COLUMNS = ["scientificName", "species"]
+# Hamming distance (of 64 bits) under which two perceptual hashes count as the same picture.
+NEAR_DISTANCE = 8
 
 
 @dataclass
@@ -46,12 +51,17 @@ def merged_select(home: Path) -> str:
     parts = _glob(home, "partitions")
     if parts is None:
         raise FileNotFoundError(f"{home / 'metadata' / 'partitions'} has no Parquet files: materialize `images` first")
-    manifest = (home / "metadata" / "manifest.parquet").as_posix()
+    manifest_path = home / "metadata" / "manifest.parquet"
+    if not manifest_path.exists():
+        raise FileNotFoundError(f"{manifest_path} not found: materialize `media_manifest` first")
+    manifest = manifest_path.as_posix()
+    present = set(pq.read_schema(manifest_path).names)
+    extra = "".join(f', m."{c}"' for c in TAXON_COLUMNS if c in present)
     return f"""
         SELECT k.path, k.split, k.label, k."gbifID", m."datasetKey", m."publishingOrgKey", k.url,
                m."references", m.license_id AS license, m."license" AS license_raw, m."rightsHolder",
                m.creator, k.sha256, k.width, k.height, k.bytes, k.fetched_at,
-               k.source, m.license_source, m.title, k.stream, k.rank, k.mime, m."scientificName", m.species
+               k.source, m.license_source, m.title, k.stream, k.rank, k.mime{extra}
         FROM read_parquet({parts}, union_by_name = true) k
         LEFT JOIN read_parquet('{manifest}') m ON m.url_sha1 = k.url_sha1 AND m.label = k.label
     """
@@ -64,8 +74,9 @@ def _write(con: duckdb.DuckDBPyConnection, sql: str, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def merge_image_metadata(home: Path, warehouse: duckdb.DuckDBPyConnection | None = None, near_duplicates: bool = True) -> MetadataResult:
+def merge_image_metadata(home: Path, con: duckdb.DuckDBPyConnection | None = None, near_duplicates: bool = True) -> MetadataResult:
     """Write metadata/images.parquet (and table `images` when a warehouse is given)."""
+    warehouse = con
     con = duckdb.connect()
     try:
         con.execute(f"CREATE TEMP TABLE merged AS {merged_select(home)}")
@@ -98,24 +109,33 @@ def merge_image_metadata(home: Path, warehouse: duckdb.DuckDBPyConnection | None
     return MetadataResult(rows=rows, duplicates_removed=len(dups), near_duplicates=near, per_split=per_split, labels=int(labels), path=out, notes=notes)
 
 
-def _near_duplicates(con: duckdb.DuckDBPyConnection, home: Path) -> int:
-    """Flag images whose perceptual hash equals another's (resized or re-encoded copies)."""
+def _near_duplicates(con: duckdb.DuckDBPyConnection, home: Path, max_distance: int = NEAR_DISTANCE) -> int:
+    """Flag images whose perceptual hash is within `max_distance` bits of an earlier kept image
+    (resized or re-encoded copies); the first one in train/rank/path order stays unflagged."""
     import imagehash
+    import numpy as np
     from PIL import Image
 
-    seen: dict[str, str] = {}
+    seen_hashes: list[int] = []
+    seen_paths: list[str] = []
     flagged: list[tuple[str, str]] = []
-    for (path,) in con.execute("SELECT path FROM kept ORDER BY CASE split WHEN 'train' THEN 0 ELSE 1 END, rank, path").fetchall():
+    order = "SELECT path FROM kept ORDER BY CASE split WHEN 'train' THEN 0 WHEN 'val' THEN 1 ELSE 2 END, rank, path"
+    for (path,) in con.execute(order).fetchall():
         try:
             with Image.open(home / path) as img:
                 img.draft("RGB", (64, 64))
-                key = str(imagehash.phash(img))
+                key = int(str(imagehash.phash(img)), 16)
         except OSError:
             continue
-        if key in seen:
-            flagged.append((path, seen[key]))
-        else:
-            seen[key] = path
+        if seen_hashes:
+            xor = np.bitwise_xor(np.array(seen_hashes, dtype=np.uint64), np.uint64(key))
+            distance = np.unpackbits(xor.view(np.uint8).reshape(-1, 8), axis=1).sum(axis=1)
+            best = int(distance.argmin())
+            if distance[best] <= max_distance:
+                flagged.append((path, seen_paths[best]))
+                continue
+        seen_hashes.append(key)
+        seen_paths.append(path)
     if flagged:
         con.executemany("UPDATE kept SET near_duplicate_of = ? WHERE path = ?", [(keep, p) for p, keep in flagged])
     return len(flagged)
@@ -143,7 +163,7 @@ def check_hash_leakage(home: Path) -> list[str]:
     con = duckdb.connect()
     try:
         found = con.execute(
-            f"SELECT sha256, string_agg(DISTINCT split, ',') FROM read_parquet('{table}') GROUP BY sha256 HAVING count(DISTINCT split) > 1"
+            f"SELECT sha256, string_agg(DISTINCT split, ',' ORDER BY split) FROM read_parquet('{table}') GROUP BY sha256 HAVING count(DISTINCT split) > 1"
         ).fetchall()
     finally:
         con.close()

@@ -1,0 +1,113 @@
+"""image_metadata: merge, exact de-duplication, near-duplicates and the asset checks."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import duckdb
+import pyarrow.parquet as pq
+import pytest
+from conftest import build_home, image_bytes
+
+from gbif_assets.reports.metadata import (
+    CONTRACT_COLUMNS,
+    check_files_match,
+    check_hash_leakage,
+    check_licenses,
+    merge_image_metadata,
+)
+
+
+def test_merge_keeps_one_copy_of_each_hash_and_lists_the_others(home: Path) -> None:
+    cands = {c.gbif_id: c for c in build_home(home)}
+    con = duckdb.connect(str(home / "warehouse.duckdb"))
+    try:
+        result = merge_image_metadata(home, con)
+        table_rows = con.execute("SELECT count(*) FROM images").fetchone()[0]
+    finally:
+        con.close()
+    assert result.rows == 9 and table_rows == 9
+    assert result.duplicates_removed == 1
+    assert result.per_split == {"train": 5, "val": 2, "test": 2}
+    assert result.labels == 2
+    rows = pq.read_table(home / "metadata" / "images.parquet").to_pylist()
+    assert set(CONTRACT_COLUMNS) <= set(rows[0])
+    assert {"source", "license_source", "title"} <= set(rows[0])
+    by_id = {r["gbifID"]: r for r in rows}
+    # gbifID 2 (train, rank 2) beats gbifID 6 (test, rank 0): a train copy is kept first.
+    assert "6" not in by_id and by_id["2"]["split"] == "train"
+    assert not (home / cands["6"].path).exists()
+    dups = pq.read_table(home / "metadata" / "duplicates.parquet").to_pylist()
+    assert [(d["gbifID"], d["duplicate_of"]) for d in dups] == [("6", cands["2"].path)]
+    # Manifest columns joined in: normalized and raw licence, publisher, attribution fields.
+    assert by_id["7"]["license"] == "CC-BY-NC-4.0"
+    assert by_id["7"]["license_raw"] == "http://creativecommons.org/licenses/by-nc/4.0/"
+    assert by_id["7"]["source"] == "gbif_cache"
+    assert by_id["3"]["publishingOrgKey"] and by_id["3"]["rightsHolder"] == "Museum B"
+    assert by_id["4"]["width"] == 48 and by_id["4"]["height"] == 32
+    assert check_files_match(home) == [] and check_hash_leakage(home) == []
+
+
+def test_merge_is_idempotent(merged: Path) -> None:
+    first = pq.read_table(merged / "metadata" / "images.parquet").to_pylist()
+    again = merge_image_metadata(merged)
+    assert again.rows == len(first) == 9
+    assert check_files_match(merged) == []
+
+
+def test_near_duplicates_are_flagged_not_removed(home: Path) -> None:
+    # A resized copy of gbifID 1 under another URL in the same label: same picture, other bytes.
+    original = next(c for c in build_home(home) if c.gbif_id == "1")
+    target = home / "images" / "train" / "1001" / ("f" * 40 + ".jpg")
+    target.write_bytes(image_bytes((200, 10, 10), size=(96, 64)))
+    shutil.copy(home / original.path, home / "spare.jpg")
+    part = home / "metadata" / "partitions" / "1001.parquet"
+    rows = pq.read_table(part).to_pylist()
+    extra = dict(rows[0], url="https://img.a.example/copy.jpg", url_sha1="f" * 40, path=target.relative_to(home).as_posix(),
+                 gbifID="99", rank=50, sha256="0" * 64, width=96, height=64)  # fmt: skip
+    import pyarrow as pa
+
+    pq.write_table(pa.Table.from_pylist(rows + [extra]), part)
+    result = merge_image_metadata(home)
+    assert result.near_duplicates >= 1 and result.rows == 10
+    flagged = {r["gbifID"]: r["near_duplicate_of"] for r in pq.read_table(home / "metadata" / "images.parquet").to_pylist()}
+    assert flagged["99"] == original.path
+
+
+def test_missing_partitions_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="partitions.*materialize `images`"):
+        merge_image_metadata(tmp_path)
+    assert not (tmp_path / "metadata" / "images.parquet").exists()
+
+
+def test_files_match_reports_orphans_both_ways(merged: Path) -> None:
+    stray = merged / "images" / "train" / "1001" / "stray.jpg"
+    stray.write_bytes(image_bytes((1, 2, 3)))
+    row = pq.read_table(merged / "metadata" / "images.parquet").to_pylist()[0]
+    (merged / row["path"]).unlink()
+    problems = check_files_match(merged)
+    assert problems == [f"file without a row: {stray.relative_to(merged).as_posix()}", f"row without a file: {row['path']}"]
+
+
+def test_files_match_without_table(tmp_path: Path) -> None:
+    assert check_files_match(tmp_path) == [f"{tmp_path / 'metadata' / 'images.parquet'} does not exist"]
+
+
+def test_hash_leakage_detects_a_crafted_copy_across_splits(merged: Path) -> None:
+    table = merged / "metadata" / "images.parquet"
+    rows = pq.read_table(table).to_pylist()
+    train = next(r for r in rows if r["split"] == "train")
+    test = next(r for r in rows if r["split"] == "test")
+    test["sha256"] = train["sha256"]
+    import pyarrow as pa
+
+    pq.write_table(pa.Table.from_pylist(rows), table)
+    assert check_hash_leakage(merged) == [f"sha256 {train['sha256']} is in splits test,train"]
+
+
+def test_licence_check_names_each_disallowed_row(merged: Path) -> None:
+    assert check_licenses(merged, ["CC0-1.0", "CC-BY-4.0", "CC-BY-NC-4.0"]) == []
+    problems = check_licenses(merged, ["CC0-1.0", "CC-BY-4.0"])
+    assert len(problems) == 1 and problems[0].endswith("licence CC-BY-NC-4.0 not allowed")
+    assert "/2002/" in problems[0]
