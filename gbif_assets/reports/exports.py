@@ -16,7 +16,6 @@ from gbif_assets.manifest.licenses import license_url
 from gbif_assets.reports.licenses import write_csv
 from gbif_assets.reports.metadata import rows_of
 
-
 SPLITS = ("train", "val", "test")
 HF_COLUMNS = ["file_name", "label", "gbif_id", "license", "creator", "source_url"]
 
@@ -45,17 +44,31 @@ def hf_metadata(home: Path) -> tuple[list[Path], Path, int]:
                   license, coalesce(creator, "rightsHolder") AS creator, coalesce("references", url) AS source_url, path
            FROM images ORDER BY path""",
     )
+    unknown = sorted({r["split"] for r in rows} - set(SPLITS))
+    if unknown:
+        raise ValueError(
+            f"images.parquet has split {unknown[0]!r}; exports know only {', '.join(SPLITS)}"
+        )
     written = []
     for split in sorted({r["split"] for r in rows}):
-        if split not in SPLITS:
-            raise ValueError(f"images.parquet has split {split!r}; exports know only {', '.join(SPLITS)}")
-        part = [dict(r, file_name=r["file_name"].split("/", 1)[1]) for r in rows if r["split"] == split]
+        part = [
+            dict(r, file_name=r["file_name"].split("/", 1)[1]) for r in rows if r["split"] == split
+        ]
         written.append(write_csv(home / "images" / split / "metadata.csv", part, HF_COLUMNS))
-    table = write_csv(home / "reports" / "images.csv", rows, ["file_name", "split", *HF_COLUMNS[1:], "path"])
+    table = write_csv(
+        home / "reports" / "images.csv", rows, ["file_name", "split", *HF_COLUMNS[1:], "path"]
+    )
     return written, table, len(rows)
 
 
-def croissant(home: Path, name: str, description: str, citation: str, licenses: list[str], formats: list[tuple[str, str]]) -> Path:
+def croissant(
+    home: Path,
+    name: str,
+    description: str,
+    citation: str,
+    licenses: list[str],
+    formats: list[tuple[str, str]],
+) -> Path:
     """<home>/croissant.json: a Croissant 1.0 description of the image set and its metadata table
     (at the dataset root, so its relative contentUrl values resolve against the dataset folder)."""
     urls = [license_url(lic) or lic for lic in licenses]
@@ -169,9 +182,36 @@ def _sha256(path: Path) -> str:
 def export_all(home: Path, name: str, description: str, citation: str) -> ExportResult:
     """Both exports; the Croissant file lists the licences and image formats actually present."""
     files, table, rows = hf_metadata(home)
-    licenses = [r["license"] for r in rows_of(home, "SELECT DISTINCT license FROM images WHERE license IS NOT NULL ORDER BY 1")]
-    mimes = {"jpg": "image/jpeg", "jpeg": "image/jpeg", "png": "image/png", "gif": "image/gif", "webp": "image/webp", "tif": "image/tiff", "tiff": "image/tiff"}
-    exts = sorted({r["ext"] for r in rows_of(home, "SELECT DISTINCT lower(regexp_extract(path, '\\.([^.]+)$', 1)) AS ext FROM images")})
+    licenses = [
+        r["license"]
+        for r in rows_of(
+            home, "SELECT DISTINCT license FROM images WHERE license IS NOT NULL ORDER BY 1"
+        )
+    ]
+    mimes = {
+        "jpg": "image/jpeg",
+        "jpeg": "image/jpeg",
+        "png": "image/png",
+        "gif": "image/gif",
+        "webp": "image/webp",
+        "tif": "image/tiff",
+        "tiff": "image/tiff",
+    }
+    exts = sorted(
+        {
+            r["ext"]
+            for r in rows_of(
+                home,
+                "SELECT DISTINCT lower(regexp_extract(path, '\\.([^.]+)$', 1)) AS ext FROM images",
+            )
+        }
+    )
     formats = [(ext, mimes.get(ext, f"image/{ext}")) for ext in exts]
     path = croissant(home, name, description, citation, licenses, formats)
-    return ExportResult(rows=rows, hf_metadata=home / "images", hf_metadata_files=files, table_csv=table, croissant=path)
+    return ExportResult(
+        rows=rows,
+        hf_metadata=home / "images",
+        hf_metadata_files=files,
+        table_csv=table,
+        croissant=path,
+    )

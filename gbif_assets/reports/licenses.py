@@ -65,7 +65,10 @@ def md_table(rows: list[dict[str, Any]], limit: int = 50) -> str:
 
 def license_report(home: Path) -> LicenseReport:
     """reports/licenses.csv, rights_holders.csv, publishers.csv and licenses.md."""
-    per_license = rows_of(home, "SELECT license, count(*) AS images FROM images GROUP BY license ORDER BY images DESC, license")
+    per_license = rows_of(
+        home,
+        "SELECT license, count(*) AS images FROM images GROUP BY license ORDER BY images DESC, license",
+    )
     for row in per_license:
         row["url"] = license_url(row["license"]) or ""
     per_holder = rows_of(
@@ -87,7 +90,12 @@ def license_report(home: Path) -> LicenseReport:
         write_csv(reports / "publishers.csv", per_publisher).name,
     ]
     warnings = []
-    restricted = [r for r in per_license if any(f"-{k}" in r["license"] for k in RESTRICTED) or r["license"] in ("unknown", "all-rights-reserved")]
+    restricted = [
+        r
+        for r in per_license
+        if any(f"-{k}" in r["license"] for k in RESTRICTED)
+        or r["license"] in ("unknown", "all-rights-reserved")
+    ]
     if restricted:
         warnings.append(
             "restrictive licences present: "
@@ -95,7 +103,12 @@ def license_report(home: Path) -> LicenseReport:
             + " - NC forbids commercial use, ND forbids adapted copies, unknown means ask the rights holder"
         )
     total = sum(r["images"] for r in per_license)
-    md = "# Licences\n\n" + md_table(per_license) + "\n## Rights holders\n\n" + md_table(per_holder, 30)
+    md = (
+        "# Licences\n\n"
+        + md_table(per_license)
+        + "\n## Rights holders\n\n"
+        + md_table(per_holder, 30)
+    )
     md += "\n## Publishers\n\n" + md_table(per_publisher, 30)
     if warnings:
         md += "\n**Warning:** " + warnings[0] + "\n"
@@ -121,5 +134,9 @@ def attribution(home: Path) -> AttributionResult:
         "path", "title", "creator", "rights_holder", "source_url", "media_url", "occurrence_url", "license", "license_url", "license_raw",
     ])  # fmt: skip
     missing = sum(1 for r in rows if not r["creator"])
-    warnings = [f"{missing} image(s) name no creator or rights holder: credit the occurrence URL"] if missing else []
+    warnings = (
+        [f"{missing} image(s) name no creator or rights holder: credit the occurrence URL"]
+        if missing
+        else []
+    )
     return AttributionResult(rows=len(rows), path=path, missing_creator=missing, warnings=warnings)

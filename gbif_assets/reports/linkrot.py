@@ -44,7 +44,9 @@ def link_rot_report(home: Path) -> LinkRotReport:
     """reports/link_rot_*.csv, link_rot.md and link_rot.png."""
     logs = sorted((home / "metadata" / "downloads").glob("*.parquet"))
     if not logs:
-        raise FileNotFoundError(f"{home / 'metadata' / 'downloads'} has no attempt logs: materialize `images` first")
+        raise FileNotFoundError(
+            f"{home / 'metadata' / 'downloads'} has no attempt logs: materialize `images` first"
+        )
     files = "[" + ", ".join(f"'{p.as_posix()}'" for p in logs) + "]"
     manifest = (home / "metadata" / "manifest.parquet").as_posix()
     con = duckdb.connect()
@@ -108,7 +110,20 @@ def link_rot_report(home: Path) -> LinkRotReport:
     (reports / "link_rot.md").write_text(md, encoding="utf-8")
     plot = _plot(per_host, reports / "link_rot.png") if per_host else None
     warnings = [f"{percent}% of tried links are dead at the publisher"] if percent >= 20 else []
-    return LinkRotReport(tried, valid, rescued, invalid, percent, per_label, per_host[:50], per_publisher[:50], per_error, plot, md[:20000], warnings)
+    return LinkRotReport(
+        tried,
+        valid,
+        rescued,
+        invalid,
+        percent,
+        per_label,
+        per_host[:50],
+        per_publisher[:50],
+        per_error,
+        plot,
+        md[:20000],
+        warnings,
+    )
 
 
 def _plot(per_host: list[dict[str, Any]], path: Path) -> Path:
@@ -121,7 +136,13 @@ def _plot(per_host: list[dict[str, Any]], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(8, max(2.5, 0.3 * len(rows) + 1)), dpi=100)
     names = [str(r["host"]) for r in rows]
     ax.barh(names, [r["valid"] for r in rows], color="#2f855a", label="valid")
-    ax.barh(names, [r["invalid"] for r in rows], left=[r["valid"] for r in rows], color="#c53030", label="invalid")
+    ax.barh(
+        names,
+        [r["invalid"] for r in rows],
+        left=[r["valid"] for r in rows],
+        color="#c53030",
+        label="invalid",
+    )
     ax.invert_yaxis()
     ax.set_xlabel("links")
     ax.set_title("link rot per host")

@@ -50,7 +50,9 @@ def merged_select(home: Path) -> str:
     """SQL over the partition files joined with the manifest, one row per kept file."""
     parts = _glob(home, "partitions")
     if parts is None:
-        raise FileNotFoundError(f"{home / 'metadata' / 'partitions'} has no Parquet files: materialize `images` first")
+        raise FileNotFoundError(
+            f"{home / 'metadata' / 'partitions'} has no Parquet files: materialize `images` first"
+        )
     manifest_path = home / "metadata" / "manifest.parquet"
     if not manifest_path.exists():
         raise FileNotFoundError(f"{manifest_path} not found: materialize `media_manifest` first")
@@ -74,7 +76,9 @@ def _write(con: duckdb.DuckDBPyConnection, sql: str, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def merge_image_metadata(home: Path, con: duckdb.DuckDBPyConnection | None = None, near_duplicates: bool = True) -> MetadataResult:
+def merge_image_metadata(
+    home: Path, con: duckdb.DuckDBPyConnection | None = None, near_duplicates: bool = True
+) -> MetadataResult:
     """Write metadata/images.parquet (and table `images` when a warehouse is given)."""
     warehouse = con
     con = duckdb.connect()
@@ -89,10 +93,16 @@ def merge_image_metadata(home: Path, con: duckdb.DuckDBPyConnection | None = Non
                FROM merged"""
         )
         dups = con.execute("SELECT path FROM ranked WHERE dup_rank > 1").fetchall()
-        _write(con, "SELECT * EXCLUDE (dup_rank, keeper), keeper AS duplicate_of FROM ranked WHERE dup_rank > 1", home / "metadata" / "duplicates.parquet")
+        _write(
+            con,
+            "SELECT * EXCLUDE (dup_rank, keeper), keeper AS duplicate_of FROM ranked WHERE dup_rank > 1",
+            home / "metadata" / "duplicates.parquet",
+        )
         for (path,) in dups:
             (home / path).unlink(missing_ok=True)
-        con.execute("CREATE TEMP TABLE kept AS SELECT * EXCLUDE (dup_rank, keeper), NULL::VARCHAR AS near_duplicate_of FROM ranked WHERE dup_rank = 1")
+        con.execute(
+            "CREATE TEMP TABLE kept AS SELECT * EXCLUDE (dup_rank, keeper), NULL::VARCHAR AS near_duplicate_of FROM ranked WHERE dup_rank = 1"
+        )
         near = _near_duplicates(con, home) if near_duplicates else 0
         out = home / "metadata" / "images.parquet"
         _write(con, "SELECT * FROM kept ORDER BY split, label, path", out)
@@ -103,13 +113,29 @@ def merge_image_metadata(home: Path, con: duckdb.DuckDBPyConnection | None = Non
         con.close()
     if warehouse is not None:
         replace_table(warehouse, "images", f"SELECT * FROM read_parquet('{out.as_posix()}')")
-    notes = [f"{len(dups)} exact duplicate file(s) removed (listed in metadata/duplicates.parquet)"] if dups else []
+    notes = (
+        [f"{len(dups)} exact duplicate file(s) removed (listed in metadata/duplicates.parquet)"]
+        if dups
+        else []
+    )
     if near:
-        notes.append(f"{near} near-duplicate image(s) flagged in column near_duplicate_of (perceptual hash)")
-    return MetadataResult(rows=rows, duplicates_removed=len(dups), near_duplicates=near, per_split=per_split, labels=int(labels), path=out, notes=notes)
+        notes.append(
+            f"{near} near-duplicate image(s) flagged in column near_duplicate_of (perceptual hash)"
+        )
+    return MetadataResult(
+        rows=rows,
+        duplicates_removed=len(dups),
+        near_duplicates=near,
+        per_split=per_split,
+        labels=int(labels),
+        path=out,
+        notes=notes,
+    )
 
 
-def _near_duplicates(con: duckdb.DuckDBPyConnection, home: Path, max_distance: int = NEAR_DISTANCE) -> int:
+def _near_duplicates(
+    con: duckdb.DuckDBPyConnection, home: Path, max_distance: int = NEAR_DISTANCE
+) -> int:
     """Flag images whose perceptual hash is within `max_distance` bits of an earlier kept image
     (resized or re-encoded copies); the first one in train/rank/path order stays unflagged."""
     import imagehash
@@ -137,7 +163,10 @@ def _near_duplicates(con: duckdb.DuckDBPyConnection, home: Path, max_distance: i
         seen_hashes.append(key)
         seen_paths.append(path)
     if flagged:
-        con.executemany("UPDATE kept SET near_duplicate_of = ? WHERE path = ?", [(keep, p) for p, keep in flagged])
+        con.executemany(
+            "UPDATE kept SET near_duplicate_of = ? WHERE path = ?",
+            [(keep, p) for p, keep in flagged],
+        )
     return len(flagged)
 
 
@@ -148,10 +177,17 @@ def check_files_match(home: Path) -> list[str]:
         return [f"{table} does not exist"]
     con = duckdb.connect()
     try:
-        rows = {r[0] for r in con.execute(f"SELECT path FROM read_parquet('{table.as_posix()}')").fetchall()}
+        rows = {
+            r[0]
+            for r in con.execute(f"SELECT path FROM read_parquet('{table.as_posix()}')").fetchall()
+        }
     finally:
         con.close()
-    files = {p.relative_to(home).as_posix() for p in (home / "images").rglob("*") if p.is_file() and not p.name.startswith(".") and p.name != "metadata.csv"}
+    files = {
+        p.relative_to(home).as_posix()
+        for p in (home / "images").rglob("*")
+        if p.is_file() and not p.name.startswith(".") and p.name != "metadata.csv"
+    }
     problems = [f"file without a row: {p}" for p in sorted(files - rows)]
     problems += [f"row without a file: {p}" for p in sorted(rows - files)]
     return problems
@@ -185,7 +221,9 @@ def rows_of(home: Path, sql_from_images: str) -> list[dict[str, Any]]:
     """Run a query over metadata/images.parquet (exposed as `images`) and return dict rows."""
     con = duckdb.connect()
     try:
-        con.execute(f"CREATE VIEW images AS SELECT * FROM read_parquet('{(home / 'metadata' / 'images.parquet').as_posix()}')")
+        con.execute(
+            f"CREATE VIEW images AS SELECT * FROM read_parquet('{(home / 'metadata' / 'images.parquet').as_posix()}')"
+        )
         cur = con.execute(sql_from_images)
         names = [d[0] for d in cur.description]
         return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 
 from gbif_assets.fetch.partition import label_dir
 from gbif_assets.reports.metadata import rows_of
@@ -16,7 +17,10 @@ PER_SHEET = 36
 
 def contact_sheets(home: Path, per_sheet: int = PER_SHEET) -> list[Path]:
     """reports/contact_sheets/<label>.png: a grid of the first train images of each label."""
-    rows = rows_of(home, "SELECT label, path FROM images ORDER BY label, CASE split WHEN 'train' THEN 0 ELSE 1 END, rank, path")
+    rows = rows_of(
+        home,
+        "SELECT label, path FROM images ORDER BY label, CASE split WHEN 'train' THEN 0 ELSE 1 END, rank, path",
+    )
     by_label: dict[str, list[str]] = {}
     for row in rows:
         by_label.setdefault(row["label"], []).append(row["path"])
@@ -28,15 +32,25 @@ def contact_sheets(home: Path, per_sheet: int = PER_SHEET) -> list[Path]:
         cols = min(6, len(paths))
         grid_rows = (len(paths) + cols - 1) // cols
         sheet = Image.new("RGB", (cols * THUMB, grid_rows * THUMB + 20), "white")
-        ImageDraw.Draw(sheet).text((4, 4), f"label {label}: {len(by_label[label])} images", fill="black")
+        ImageDraw.Draw(sheet).text(
+            (4, 4), f"label {label}: {len(by_label[label])} images", fill="black"
+        )
         for i, rel in enumerate(paths):
-            with Image.open(home / rel) as img:
-                img.draft("RGB", (THUMB, THUMB))
-                thumb = img.convert("RGB")
-                thumb.thumbnail((THUMB, THUMB))
-            sheet.paste(thumb, ((i % cols) * THUMB, 20 + (i // cols) * THUMB))
+            try:
+                with Image.open(home / rel) as img:
+                    img.draft("RGB", (THUMB, THUMB))
+                    thumb = ImageOps.contain(img.convert("RGB"), (THUMB, THUMB))
+            except OSError as exc:
+                raise ValueError(
+                    f"contact sheet: cannot read {rel} ({exc.__class__.__name__}); rebuild its `images` partition"
+                ) from exc
+            x = (i % cols) * THUMB + (THUMB - thumb.width) // 2
+            y = 20 + (i // cols) * THUMB + (THUMB - thumb.height) // 2
+            sheet.paste(thumb, (x, y))
         path = out_dir / f"{label_dir(label)}.png"
-        sheet.save(path)
+        tmp = path.with_suffix(".png.tmp")
+        sheet.save(tmp, format="PNG")
+        os.replace(tmp, path)
         written.append(path)
     return written
 

@@ -25,7 +25,9 @@ ORG_B = "e2e717bf-551a-4917-bdc9-4fa0f342c530"
 T0 = dt.datetime(2026, 11, 1, 12, 0, tzinfo=dt.UTC)
 
 
-def image_bytes(color: tuple[int, int, int], size: tuple[int, int] = (48, 32), fmt: str = "JPEG") -> bytes:
+def image_bytes(
+    color: tuple[int, int, int], size: tuple[int, int] = (48, 32), fmt: str = "JPEG"
+) -> bytes:
     """A real image: a coarse random pattern seeded by `color`, so perceptual hashes differ
     between colours and stay close for a resized copy of the same colour."""
     rng = random.Random(sum(c << (8 * i) for i, c in enumerate(color)))
@@ -79,11 +81,42 @@ def items() -> list[Item]:
     out = [
         Item("1", "1001", "train", 1, DS_A, ORG_A, *by, image_bytes((200, 10, 10)), title="Fern 1"),
         Item("2", "1001", "train", 2, DS_A, ORG_A, *by, dup),
-        Item("3", "1001", "train", 3, DS_B, ORG_B, *zero, image_bytes((10, 10, 200)), creator=None, holder="Museum B"),
-        Item("4", "1001", "val", 4, DS_B, ORG_B, *zero, image_bytes((90, 90, 90), fmt="PNG"), ext="png"),
+        Item(
+            "3",
+            "1001",
+            "train",
+            3,
+            DS_B,
+            ORG_B,
+            *zero,
+            image_bytes((10, 10, 200)),
+            creator=None,
+            holder="Museum B",
+        ),
+        Item(
+            "4",
+            "1001",
+            "val",
+            4,
+            DS_B,
+            ORG_B,
+            *zero,
+            image_bytes((90, 90, 90), fmt="PNG"),
+            ext="png",
+        ),
         Item("5", "1001", "test", 5, DS_A, ORG_A, *by, image_bytes((220, 220, 20))),
         Item("6", "1001", "test", 0, DS_A, ORG_A, *by, dup),
-        Item("7", "2002", "train", 1, DS_A, ORG_A, *nc, image_bytes((20, 120, 220)), source="gbif_cache"),
+        Item(
+            "7",
+            "2002",
+            "train",
+            1,
+            DS_A,
+            ORG_A,
+            *nc,
+            image_bytes((20, 120, 220)),
+            source="gbif_cache",
+        ),
         Item("8", "2002", "train", 2, DS_B, ORG_B, *by, image_bytes((120, 20, 220))),
         Item("9", "2002", "val", 3, DS_B, ORG_B, *by, image_bytes((220, 120, 20))),
         Item("10", "2002", "test", 4, DS_A, ORG_A, *by, image_bytes((60, 160, 60))),
@@ -132,9 +165,16 @@ def build_home(home: Path) -> list[Item]:
             if c.source == "gbif_cache":
                 attempts = [("publisher", 404, "HTTPStatus", 1), ("gbif_cache", 200, None, 1)]
             elif c.data is None and c.gbif_id == "11":
-                attempts = [("publisher", None, "Timeout", 1), ("publisher", None, "Timeout", 2), ("gbif_cache", 404, "HTTPStatus", 1)]
+                attempts = [
+                    ("publisher", None, "Timeout", 1),
+                    ("publisher", None, "Timeout", 2),
+                    ("gbif_cache", 404, "HTTPStatus", 1),
+                ]
             elif c.data is None:
-                attempts = [("publisher", 403, "HTTPStatus", 1), ("gbif_cache", 404, "HTTPStatus", 1)]
+                attempts = [
+                    ("publisher", 403, "HTTPStatus", 1),
+                    ("gbif_cache", 404, "HTTPStatus", 1),
+                ]
             else:
                 attempts = [("publisher", 200, None, 1)]
             for i, (source, status, error, attempt) in enumerate(attempts):

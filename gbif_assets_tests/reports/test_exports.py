@@ -15,22 +15,33 @@ from gbif_assets.reports.metadata import rows_of
 
 @pytest.fixture
 def exported(merged: Path):
-    return export_all(merged, "plants", "Fern and moss images from GBIF", "GBIF.org (2 January 2023) GBIF Occurrence Download https://doi.org/10.15468/dl.29wbtx")
+    return export_all(
+        merged,
+        "plants",
+        "Fern and moss images from GBIF",
+        "GBIF.org (2 January 2023) GBIF Occurrence Download https://doi.org/10.15468/dl.29wbtx",
+    )
 
 
-def test_hf_imagefolder_loads_every_image_with_label_and_split(merged: Path, exported, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hf_imagefolder_loads_every_image_with_label_and_split(
+    merged: Path, exported, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     import datasets
 
-    ds = datasets.load_dataset("imagefolder", data_dir=str(merged / "images"), cache_dir=str(tmp_path / "hf_cache"))
+    ds = datasets.load_dataset(
+        "imagefolder", data_dir=str(merged / "images"), cache_dir=str(tmp_path / "hf_cache")
+    )
     # The `val` folder becomes HF's `validation` split.
     assert {name: ds[name].num_rows for name in ds} == {"train": 5, "validation": 2, "test": 2}
     expected = {}
-    for row in rows_of(merged, "SELECT split, label, license, width, height, \"gbifID\" FROM images"):
+    for row in rows_of(merged, 'SELECT split, label, license, width, height, "gbifID" FROM images'):
         split = "validation" if row["split"] == "val" else row["split"]
-        expected.setdefault(split, []).append((str(row["label"]), row["license"], row["gbifID"], (row["width"], row["height"])))
+        expected.setdefault(split, []).append(
+            (str(row["label"]), row["license"], row["gbifID"], (row["width"], row["height"]))
+        )
     for split, part in ds.items():
         got = [(str(r["label"]), r["license"], str(r["gbif_id"]), r["image"].size) for r in part]
         assert sorted(got) == sorted(expected[split])
@@ -39,7 +50,9 @@ def test_hf_imagefolder_loads_every_image_with_label_and_split(merged: Path, exp
 
 
 def test_hf_metadata_files(merged: Path, exported) -> None:
-    assert exported.hf_metadata_files == [merged / "images" / s / "metadata.csv" for s in ("test", "train", "val")]
+    assert exported.hf_metadata_files == [
+        merged / "images" / s / "metadata.csv" for s in ("test", "train", "val")
+    ]
     for file in exported.hf_metadata_files:
         with file.open(encoding="utf-8") as handle:
             for row in csv.DictReader(handle):
@@ -72,14 +85,22 @@ def test_croissant_validates_and_reads_records(merged: Path, exported) -> None:
         "https://creativecommons.org/publicdomain/zero/1.0/",
     ]
     assert "10.15468/dl.29wbtx" in doc["citeAs"]
-    assert {d["encodingFormat"] for d in doc["distribution"]} == {"text/csv", "image/jpeg", "image/png"}
+    assert {d["encodingFormat"] for d in doc["distribution"]} == {
+        "text/csv",
+        "image/jpeg",
+        "image/png",
+    }
     dataset = mlc.Dataset(jsonld=exported.croissant)
     assert not dataset.metadata.ctx.issues.errors
     records = list(dataset.records(record_set="images"))
     assert len(records) == 9
     paths = {r["images/path"].decode() for r in records}
     assert all((merged / p).is_file() for p in paths)
-    assert {r["images/license"].decode() for r in records} == {"CC-BY-4.0", "CC-BY-NC-4.0", "CC0-1.0"}
+    assert {r["images/license"].decode() for r in records} == {
+        "CC-BY-4.0",
+        "CC-BY-NC-4.0",
+        "CC0-1.0",
+    }
 
 
 def test_unknown_split_is_refused(merged: Path) -> None:

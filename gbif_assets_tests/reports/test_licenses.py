@@ -16,12 +16,23 @@ def _csv(path: Path) -> list[dict[str, str]]:
 def test_counts_per_licence_holder_and_publisher(merged: Path) -> None:
     report = license_report(merged)
     assert report.rows == 9
-    assert {r["license"]: r["images"] for r in report.per_license} == {"CC-BY-4.0": 6, "CC0-1.0": 2, "CC-BY-NC-4.0": 1}
+    assert {r["license"]: r["images"] for r in report.per_license} == {
+        "CC-BY-4.0": 6,
+        "CC0-1.0": 2,
+        "CC-BY-NC-4.0": 1,
+    }
     assert report.per_license[0]["url"] == "https://creativecommons.org/licenses/by/4.0/"
-    assert {r["rights_holder"]: r["images"] for r in report.per_rights_holder} == {"Ann Observer": 8, "Museum B": 1}
+    assert {r["rights_holder"]: r["images"] for r in report.per_rights_holder} == {
+        "Ann Observer": 8,
+        "Museum B": 1,
+    }
     assert sum(r["images"] for r in report.per_publisher) == 9
     on_disk = _csv(merged / "reports" / "licenses.csv")
-    assert {r["license"]: int(r["images"]) for r in on_disk} == {"CC-BY-4.0": 6, "CC0-1.0": 2, "CC-BY-NC-4.0": 1}
+    assert {r["license"]: int(r["images"]) for r in on_disk} == {
+        "CC-BY-4.0": 6,
+        "CC0-1.0": 2,
+        "CC-BY-NC-4.0": 1,
+    }
     assert len(_csv(merged / "reports" / "publishers.csv")) == 2
     assert len(_csv(merged / "reports" / "rights_holders.csv")) == 2
     md = (merged / "reports" / "licenses.md").read_text(encoding="utf-8")

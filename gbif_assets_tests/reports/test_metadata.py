@@ -71,7 +71,10 @@ def test_near_duplicates_are_flagged_not_removed(home: Path) -> None:
     pq.write_table(pa.Table.from_pylist(rows + [extra]), part)
     result = merge_image_metadata(home)
     assert result.near_duplicates >= 1 and result.rows == 10
-    flagged = {r["gbifID"]: r["near_duplicate_of"] for r in pq.read_table(home / "metadata" / "images.parquet").to_pylist()}
+    flagged = {
+        r["gbifID"]: r["near_duplicate_of"]
+        for r in pq.read_table(home / "metadata" / "images.parquet").to_pylist()
+    }
     assert flagged["99"] == original.path
 
 
@@ -87,11 +90,16 @@ def test_files_match_reports_orphans_both_ways(merged: Path) -> None:
     row = pq.read_table(merged / "metadata" / "images.parquet").to_pylist()[0]
     (merged / row["path"]).unlink()
     problems = check_files_match(merged)
-    assert problems == [f"file without a row: {stray.relative_to(merged).as_posix()}", f"row without a file: {row['path']}"]
+    assert problems == [
+        f"file without a row: {stray.relative_to(merged).as_posix()}",
+        f"row without a file: {row['path']}",
+    ]
 
 
 def test_files_match_without_table(tmp_path: Path) -> None:
-    assert check_files_match(tmp_path) == [f"{tmp_path / 'metadata' / 'images.parquet'} does not exist"]
+    assert check_files_match(tmp_path) == [
+        f"{tmp_path / 'metadata' / 'images.parquet'} does not exist"
+    ]
 
 
 def test_hash_leakage_detects_a_crafted_copy_across_splits(merged: Path) -> None:
