@@ -80,7 +80,7 @@ def default_profiles() -> list[HostProfile]:
     ]
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=16)
 def _base_jpeg(seed: int, size: tuple[int, int]) -> bytes:
     """A real photo-like JPEG (noise + gradient) so size and decode cost resemble real images."""
     rng = random.Random(seed)
@@ -100,7 +100,7 @@ def image_bytes(url: str, size_range: tuple[int, int] = (30_000, 80_000)) -> byt
     generation is cheap and the body length falls inside `size_range`.
     """
     digest = hashlib.sha256(url.encode()).digest()
-    base = _base_jpeg(digest[0] % 4, (320 + 16 * (digest[1] % 8), 240 + 16 * (digest[2] % 8)))
+    base = _base_jpeg(digest[0] % 4, (320 + 32 * (digest[1] % 2), 240))
     low, high = size_range
     target = low + int.from_bytes(digest[3:7], "big") % max(1, high - low)
     payload = url.encode()[:1000]
@@ -112,19 +112,21 @@ def image_bytes(url: str, size_range: tuple[int, int] = (30_000, 80_000)) -> byt
 
 
 @functools.lru_cache(maxsize=1)
-def bomb_png() -> bytes:
-    """A tiny PNG that claims 30,000 x 30,000 pixels (900 Mpx): a decompression bomb."""
-    width = height = 30_000
-    raw_row = b"\x00" + b"\x00" * width
-    compressor = zlib.compressobj(9)
-    data = b"".join(compressor.compress(raw_row) for _ in range(height)) + compressor.flush()
+def bomb_jpeg() -> bytes:
+    """A small JPEG whose header claims 60,000 x 60,000 pixels (3.6 Gpx): a decompression bomb.
 
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        crc = zlib.crc32(kind + body) & 0xFFFFFFFF
-        return len(body).to_bytes(4, "big") + kind + body + crc.to_bytes(4, "big")
-
-    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 0, 0, 0, 0])
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+    It is a real JPEG with its SOF0 frame size patched, so it costs nothing to serve, and a reader
+    that decodes before checking the pixel count would try to allocate gigabytes.
+    """
+    data = bytearray(_base_jpeg(0, (320, 240)))
+    i = 2
+    while i < len(data):
+        marker, length = data[i + 1], int.from_bytes(data[i + 2 : i + 4], "big")
+        if marker in (0xC0, 0xC2):
+            data[i + 5 : i + 9] = (60_000).to_bytes(2, "big") + (60_000).to_bytes(2, "big")
+            return bytes(data)
+        i += 2 + length
+    raise AssertionError("no SOF marker in the base JPEG")
 
 
 HTML_PAGE = b"<!DOCTYPE html><html><head><title>Moved</title></head><body>Login required</body></html>"
@@ -190,7 +192,7 @@ class _Host:
         elif fault == "rate429" and self.counter % int(params.get("every", 2)) != 0:
             retry_after = str(params.get("retry_after", "1"))
             if retry_after == "http-date":
-                retry_after = formatdate(time.time() + 1, usegmt=True)
+                retry_after = formatdate(time.time() + 2, usegmt=True)
             self._count(429)
             return web.Response(status=429, text="Too Many Requests", headers={"Retry-After": retry_after})
         elif fault == "flaky5xx" and self.counter % int(params.get("every", 2)) != 0:
@@ -206,7 +208,7 @@ class _Host:
             return web.Response(body=HTML_PAGE, headers={"Content-Type": "image/jpeg"})
         elif fault == "bomb":
             self._count(200)
-            return web.Response(body=bomb_png(), headers={"Content-Type": "image/png"})
+            return web.Response(body=bomb_jpeg(), headers={"Content-Type": "image/jpeg"})
         elif fault == "huge":
             return await self._huge(request, int(params.get("bytes", 40_000_000)), bool(params.get("chunked")))
         elif fault == "redirect":
@@ -283,6 +285,10 @@ async def start_image_hosts(
 ) -> ImageHosts:
     """Start one aiohttp server per profile on its loopback address (ephemeral port by default)."""
     hosts = ImageHosts()
+    bomb_jpeg()  # warm the caches now, not in the first request's handler
+    for seed in range(4):
+        for w in range(2):
+            _base_jpeg(seed, (320 + 32 * w, 240))
     for profile in profiles:
         stats = HostStats()
         host = _Host(profile, stats, latency_s)

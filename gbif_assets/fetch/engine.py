@@ -25,7 +25,7 @@ from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 
-from gbif_assets.fetch.safety import ALLOWED_SCHEMES, BlockedAddress, GuardedResolver, sniff
+from gbif_assets.fetch.safety import ALLOWED_SCHEMES, BlockedAddress, GuardedResolver, host_literal_allowed, sniff
 from gbif_assets.fetch.verify import Verified, verify_image
 from gbif_assets.gbif.client import retry_after_seconds
 
@@ -282,7 +282,11 @@ class FetchEngine:
             if scheme not in ALLOWED_SCHEMES:
                 raise _Failure("blocked", detail=f"scheme {scheme or '(none)'} is not http(s): {current[:200]}")
             host = (urlsplit(current).hostname or "").lower()
+            if not host_literal_allowed(host, self.config.allow_private_hosts):
+                raise _Failure("blocked", detail=f"{host} is a loopback, private, link-local or multicast address")
             async with self._global, self._host_sem(host):
+                if self._breaker.is_open(host):  # opened while this request waited for a slot
+                    raise _Failure("circuit_open", detail=f"{host} failed repeatedly; skipped for now")
                 try:
                     async with session.get(current, allow_redirects=False) as response:
                         if response.status in (301, 302, 303, 307, 308):

@@ -39,6 +39,15 @@ def address_allowed(address: str, allow_private: bool) -> bool:
     )
 
 
+def host_literal_allowed(host: str, allow_private: bool) -> bool:
+    """IP-literal hosts skip DNS, so the resolver never sees them: check them here."""
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return True  # a name: the guarded resolver checks what it resolves to
+    return address_allowed(host.strip("[]"), allow_private)
+
+
 def sniff(head: bytes) -> tuple[str, str] | None:
     """(mime, extension) from magic bytes; None for anything that is not an image we keep."""
     for magic, mime, ext in MAGIC:

@@ -40,7 +40,8 @@ def derived_dataset_request(
     """POST /derivedDataset body: datasetKey -> number of kept images."""
     counts = rows_of(
         home,
-        'SELECT "datasetKey" AS k, count(*) AS n FROM images WHERE "datasetKey" IS NOT NULL GROUP BY k ORDER BY k',
+        'SELECT "datasetKey" AS k, count(*) AS n FROM images WHERE "datasetKey" IS NOT NULL '
+        "GROUP BY k ORDER BY k",
     )
     body: dict[str, Any] = {
         "title": title,
@@ -131,9 +132,13 @@ def write_citation(
             )
             files.append("derived_dataset.json")
         else:
-            citation_text = f"GBIF.org ({today.isoformat()}) GBIF Occurrence Data, {name} (derived dataset not yet registered)"
+            citation_text = (
+                f"GBIF.org ({today.isoformat()}) GBIF Occurrence Data, {name} "
+                "(derived dataset not yet registered)"
+            )
             warnings.append(
-                "search mode: register the derived dataset (set GBIF_USERNAME/GBIF_PASSWORD and rebuild `citation`) "
+                "search mode: register the derived dataset "
+                "(set GBIF_USERNAME/GBIF_PASSWORD and rebuild `citation`) "
                 "to get a DOI; the request is in reports/derived_dataset_request.json"
             )
     title = f"{name}: image training set from GBIF occurrence media"
@@ -150,7 +155,10 @@ def write_citation(
     md = f"# How to cite {name}\n\n> {text}\n\n"
     if doi:
         md += f"DOI: [{doi}](https://doi.org/{doi})\n\n"
-    md += "Images keep the licences listed in `attribution.csv`; credit each creator as the licence asks.\n"
+    md += (
+        "Images keep the licences listed in `attribution.csv`; "
+        "credit each creator as the licence asks.\n"
+    )
     (reports / "citation.md").write_text(md, encoding="utf-8")
     return CitationResult(
         mode=mode, doi=doi, citation_md=md, related_datasets=related, files=files, warnings=warnings

@@ -32,7 +32,7 @@ class ExportResult:
 
 
 def hf_metadata(home: Path) -> tuple[list[Path], Path, int]:
-    """images/<split>/metadata.csv for Hugging Face `imagefolder`, and reports/images.csv (all rows).
+    """images/<split>/metadata.csv for Hugging Face `imagefolder`; reports/images.csv (all rows).
 
     `imagefolder` reads one metadata file per split folder, with `file_name` relative to that
     folder (a single images/metadata.csv is ignored when split folders exist); `val` maps to the
@@ -40,8 +40,9 @@ def hf_metadata(home: Path) -> tuple[list[Path], Path, int]:
     """
     rows = rows_of(
         home,
-        """SELECT substr(path, length('images/') + 1) AS file_name, label, split, "gbifID" AS gbif_id,
-                  license, coalesce(creator, "rightsHolder") AS creator, coalesce("references", url) AS source_url, path
+        """SELECT substr(path, length('images/') + 1) AS file_name, label, split,
+                  "gbifID" AS gbif_id, license, coalesce(creator, "rightsHolder") AS creator,
+                  coalesce("references", url) AS source_url, path
            FROM images ORDER BY path""",
     )
     unknown = sorted({r["split"] for r in rows} - set(SPLITS))
@@ -122,7 +123,7 @@ def croissant(
                 "@type": "cr:FileObject",
                 "@id": "images.csv",
                 "name": "images.csv",
-                "description": "one row per image: file_name relative to images/, label, split, licence, credit",
+                "description": "per image: file under images/, label, split, licence, credit",
                 "contentUrl": "reports/images.csv",
                 "encodingFormat": "text/csv",
                 "sha256": _sha256(home / "reports" / "images.csv"),
@@ -132,7 +133,7 @@ def croissant(
                     "@type": "cr:FileSet",
                     "@id": f"{ext}-files",
                     "name": f"{ext}-files",
-                    "description": f"{mime} images in the ImageFolder layout images/<split>/<label>/",
+                    "description": f"{mime} images, ImageFolder layout images/<split>/<label>/",
                     "encodingFormat": mime,
                     "includes": f"images/*/*/*.{ext}",
                 }

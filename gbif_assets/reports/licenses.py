@@ -12,6 +12,10 @@ from gbif_assets.manifest.licenses import license_url
 from gbif_assets.reports.metadata import rows_of
 
 RESTRICTED = ("NC", "ND")
+ATTRIBUTION_COLUMNS = [
+    "path", "title", "creator", "rights_holder", "source_url", "media_url", "occurrence_url",
+    "license", "license_url", "license_raw",
+]  # fmt: skip
 
 
 @dataclass
@@ -67,19 +71,22 @@ def license_report(home: Path) -> LicenseReport:
     """reports/licenses.csv, rights_holders.csv, publishers.csv and licenses.md."""
     per_license = rows_of(
         home,
-        "SELECT license, count(*) AS images FROM images GROUP BY license ORDER BY images DESC, license",
+        "SELECT coalesce(license, 'unknown') AS license, count(*) AS images FROM images GROUP BY 1 "
+        "ORDER BY images DESC, license",
     )
     for row in per_license:
         row["url"] = license_url(row["license"]) or ""
     per_holder = rows_of(
         home,
-        """SELECT coalesce("rightsHolder", creator, '(not given)') AS rights_holder, count(*) AS images,
+        """SELECT coalesce("rightsHolder", creator, '(not given)') AS rights_holder,
+                  count(*) AS images,
                   string_agg(DISTINCT license, ', ') AS licenses
            FROM images GROUP BY ALL ORDER BY images DESC, rights_holder""",
     )
     per_publisher = rows_of(
         home,
-        """SELECT "datasetKey" AS dataset_key, "publishingOrgKey" AS publishing_org_key, count(*) AS images,
+        """SELECT "datasetKey" AS dataset_key, "publishingOrgKey" AS publishing_org_key,
+                  count(*) AS images,
                   string_agg(DISTINCT license, ', ') AS licenses
            FROM images GROUP BY ALL ORDER BY images DESC, dataset_key""",
     )
@@ -100,7 +107,8 @@ def license_report(home: Path) -> LicenseReport:
         warnings.append(
             "restrictive licences present: "
             + ", ".join(f"{r['license']} ({r['images']} images)" for r in restricted)
-            + " - NC forbids commercial use, ND forbids adapted copies, unknown means ask the rights holder"
+            + " - NC forbids commercial use, ND forbids adapted copies, "
+            "unknown means ask the rights holder"
         )
     total = sum(r["images"] for r in per_license)
     md = (
@@ -114,8 +122,15 @@ def license_report(home: Path) -> LicenseReport:
         md += "\n**Warning:** " + warnings[0] + "\n"
     (reports / "licenses.md").write_text(md, encoding="utf-8")
     files.append("licenses.md")
-    return LicenseReport(rows=total, per_license=per_license, per_rights_holder=per_holder[:50], per_publisher=per_publisher[:50],
-                         report_md=md[:20000], files=files, warnings=warnings)  # fmt: skip
+    return LicenseReport(
+        rows=total,
+        per_license=per_license,
+        per_rights_holder=per_holder[:50],
+        per_publisher=per_publisher[:50],
+        report_md=md[:20000],
+        files=files,
+        warnings=warnings,
+    )
 
 
 def attribution(home: Path) -> AttributionResult:
@@ -125,14 +140,13 @@ def attribution(home: Path) -> AttributionResult:
         """SELECT path, coalesce(title, 'GBIF occurrence ' || "gbifID") AS title,
                   coalesce(creator, "rightsHolder") AS creator, "rightsHolder" AS rights_holder,
                   coalesce("references", url) AS source_url, url AS media_url,
-                  'https://www.gbif.org/occurrence/' || "gbifID" AS occurrence_url, license, license_raw
+                  'https://www.gbif.org/occurrence/' || "gbifID" AS occurrence_url,
+                  license, license_raw
            FROM images ORDER BY path""",
     )
     for row in rows:
         row["license_url"] = license_url(row["license"]) or ""
-    path = write_csv(home / "reports" / "attribution.csv", rows, [
-        "path", "title", "creator", "rights_holder", "source_url", "media_url", "occurrence_url", "license", "license_url", "license_raw",
-    ])  # fmt: skip
+    path = write_csv(home / "reports" / "attribution.csv", rows, ATTRIBUTION_COLUMNS)
     missing = sum(1 for r in rows if not r["creator"])
     warnings = (
         [f"{missing} image(s) name no creator or rights holder: credit the occurrence URL"]

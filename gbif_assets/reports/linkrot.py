@@ -53,12 +53,16 @@ def link_rot_report(home: Path) -> LinkRotReport:
     try:
         con.execute(
             f"""CREATE TEMP TABLE links AS
-                SELECT a.url, any_value(m.label) AS label, any_value(m."datasetKey") AS "datasetKey",
-                       any_value(m."publishingOrgKey") AS "publishingOrgKey", any_value(m.host) AS host,
+                SELECT a.url, any_value(m.label) AS label,
+                       any_value(m."datasetKey") AS "datasetKey",
+                       any_value(m."publishingOrgKey") AS "publishingOrgKey",
+                       any_value(m.host) AS host,
                        bool_or(a.error IS NULL AND a.source = 'publisher') AS publisher_ok,
                        bool_or(a.error IS NULL AND a.source = 'gbif_cache') AS cache_ok,
-                       arg_max(coalesce(a.error, 'ok'), a.fetched_at) FILTER (WHERE a.source = 'publisher') AS last_error,
-                       arg_max(a.status, a.fetched_at) FILTER (WHERE a.source = 'publisher') AS last_status
+                       arg_max(coalesce(a.error, 'ok'), a.fetched_at)
+                           FILTER (WHERE a.source = 'publisher') AS last_error,
+                       arg_max(a.status, a.fetched_at)
+                           FILTER (WHERE a.source = 'publisher') AS last_status
                 FROM read_parquet({files}, union_by_name = true) a
                 LEFT JOIN read_parquet('{manifest}') m ON m.identifier = a.url
                 GROUP BY a.url"""
@@ -74,7 +78,8 @@ def link_rot_report(home: Path) -> LinkRotReport:
                 f"""SELECT {keys}, count(*) FILTER (WHERE verdict = 'valid') AS valid,
                            count(*) FILTER (WHERE verdict <> 'valid') AS invalid,
                            count(*) FILTER (WHERE verdict = 'rescued') AS rescued_by_gbif_cache,
-                           round(100.0 * count(*) FILTER (WHERE verdict <> 'valid') / count(*), 1) AS link_rot_percent
+                           round(100.0 * count(*) FILTER (WHERE verdict <> 'valid') / count(*), 1)
+                               AS link_rot_percent
                     FROM judged GROUP BY ALL ORDER BY link_rot_percent DESC, {keys}""",
             )
 
@@ -83,11 +88,13 @@ def link_rot_report(home: Path) -> LinkRotReport:
         per_publisher = grouped('"datasetKey", "publishingOrgKey"')
         per_error = _rows(
             con,
-            """SELECT coalesce(last_error, 'ok') AS error_class, last_status AS status, count(*) AS links
+            """SELECT coalesce(last_error, 'ok') AS error_class, last_status AS status,
+                      count(*) AS links
                FROM judged WHERE verdict <> 'valid' GROUP BY ALL ORDER BY links DESC""",
         )
         totals = con.execute(
-            """SELECT count(*), count(*) FILTER (WHERE verdict = 'valid'), count(*) FILTER (WHERE verdict = 'rescued'),
+            """SELECT count(*), count(*) FILTER (WHERE verdict = 'valid'),
+                      count(*) FILTER (WHERE verdict = 'rescued'),
                       count(*) FILTER (WHERE verdict = 'invalid') FROM judged"""
         ).fetchone()
     finally:
@@ -100,8 +107,10 @@ def link_rot_report(home: Path) -> LinkRotReport:
     write_csv(reports / "link_rot_by_publisher.csv", per_publisher)
     write_csv(reports / "link_rot_by_error.csv", per_error)
     md = (
-        f"# Link rot\n\n{tried} links tried: {valid} valid, {tried - valid} invalid at the publisher "
-        f"({percent}%), of which {rescued} rescued by GBIF's image cache.\n\n## Per label (Pitblado & Cronk, Table 1)\n\n"
+        f"# Link rot\n\n{tried} links tried: {valid} valid, "
+        f"{tried - valid} invalid at the publisher ({percent}%), "
+        f"of which {rescued} rescued by GBIF's image cache.\n\n"
+        "## Per label (Pitblado & Cronk, Table 1)\n\n"
         + md_table(per_label)
         + "\n## Per host\n\n" + md_table(per_host)
         + "\n## Per publisher\n\n" + md_table(per_publisher)

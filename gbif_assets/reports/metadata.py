@@ -24,6 +24,9 @@ CONTRACT_COLUMNS = [
 ]  # fmt: skip
 # Occurrence columns carried along when the manifest has them (search and archive modes differ).
 TAXON_COLUMNS = ["scientificName", "species"]
+# Which copy of identical bytes is kept: a train copy before val before test, then the lowest
+# rank (the seeded order of the manifest), then the path; near-duplicate flags use the same order.
+KEEP_ORDER = "CASE split WHEN 'train' THEN 0 WHEN 'val' THEN 1 ELSE 2 END, rank, path"
 # Hamming distance (of 64 bits) under which two perceptual hashes count as the same picture.
 NEAR_DISTANCE = 8
 
@@ -61,7 +64,8 @@ def merged_select(home: Path) -> str:
     extra = "".join(f', m."{c}"' for c in TAXON_COLUMNS if c in present)
     return f"""
         SELECT k.path, k.split, k.label, k."gbifID", m."datasetKey", m."publishingOrgKey", k.url,
-               m."references", m.license_id AS license, m."license" AS license_raw, m."rightsHolder",
+               m."references", m.license_id AS license, m."license" AS license_raw,
+               m."rightsHolder",
                m.creator, k.sha256, k.width, k.height, k.bytes, k.fetched_at,
                k.source, m.license_source, m.title, k.stream, k.rank, k.mime{extra}
         FROM read_parquet({parts}, union_by_name = true) k
@@ -80,28 +84,30 @@ def merge_image_metadata(
     home: Path, con: duckdb.DuckDBPyConnection | None = None, near_duplicates: bool = True
 ) -> MetadataResult:
     """Write metadata/images.parquet (and table `images` when a warehouse is given)."""
-    warehouse = con
+    warehouse = con  # the caller's DuckDB; the merge itself runs in a private in-memory one
     con = duckdb.connect()
     try:
         con.execute(f"CREATE TEMP TABLE merged AS {merged_select(home)}")
         con.execute(
-            """CREATE TEMP TABLE ranked AS
+            f"""CREATE TEMP TABLE ranked AS
                SELECT *, row_number() OVER (PARTITION BY sha256
-                   ORDER BY CASE split WHEN 'train' THEN 0 WHEN 'val' THEN 1 ELSE 2 END, rank, path) AS dup_rank,
+                   ORDER BY {KEEP_ORDER}) AS dup_rank,
                    first_value(path) OVER (PARTITION BY sha256
-                   ORDER BY CASE split WHEN 'train' THEN 0 WHEN 'val' THEN 1 ELSE 2 END, rank, path) AS keeper
+                   ORDER BY {KEEP_ORDER}) AS keeper
                FROM merged"""
         )
         dups = con.execute("SELECT path FROM ranked WHERE dup_rank > 1").fetchall()
         _write(
             con,
-            "SELECT * EXCLUDE (dup_rank, keeper), keeper AS duplicate_of FROM ranked WHERE dup_rank > 1",
+            "SELECT * EXCLUDE (dup_rank, keeper), keeper AS duplicate_of "
+            "FROM ranked WHERE dup_rank > 1",
             home / "metadata" / "duplicates.parquet",
         )
         for (path,) in dups:
             (home / path).unlink(missing_ok=True)
         con.execute(
-            "CREATE TEMP TABLE kept AS SELECT * EXCLUDE (dup_rank, keeper), NULL::VARCHAR AS near_duplicate_of FROM ranked WHERE dup_rank = 1"
+            "CREATE TEMP TABLE kept AS SELECT * EXCLUDE (dup_rank, keeper), "
+            "NULL::VARCHAR AS near_duplicate_of FROM ranked WHERE dup_rank = 1"
         )
         near = _near_duplicates(con, home) if near_duplicates else 0
         out = home / "metadata" / "images.parquet"
@@ -145,7 +151,7 @@ def _near_duplicates(
     seen_hashes: list[int] = []
     seen_paths: list[str] = []
     flagged: list[tuple[str, str]] = []
-    order = "SELECT path FROM kept ORDER BY CASE split WHEN 'train' THEN 0 WHEN 'val' THEN 1 ELSE 2 END, rank, path"
+    order = f"SELECT path FROM kept ORDER BY {KEEP_ORDER}"
     for (path,) in con.execute(order).fetchall():
         try:
             with Image.open(home / path) as img:
@@ -199,7 +205,8 @@ def check_hash_leakage(home: Path) -> list[str]:
     con = duckdb.connect()
     try:
         found = con.execute(
-            f"SELECT sha256, string_agg(DISTINCT split, ',' ORDER BY split) FROM read_parquet('{table}') GROUP BY sha256 HAVING count(DISTINCT split) > 1"
+            f"SELECT sha256, string_agg(DISTINCT split, ',' ORDER BY split) "
+            f"FROM read_parquet('{table}') GROUP BY sha256 HAVING count(DISTINCT split) > 1"
         ).fetchall()
     finally:
         con.close()
@@ -222,7 +229,8 @@ def rows_of(home: Path, sql_from_images: str) -> list[dict[str, Any]]:
     con = duckdb.connect()
     try:
         con.execute(
-            f"CREATE VIEW images AS SELECT * FROM read_parquet('{(home / 'metadata' / 'images.parquet').as_posix()}')"
+            "CREATE VIEW images AS SELECT * FROM "
+            f"read_parquet('{(home / 'metadata' / 'images.parquet').as_posix()}')"
         )
         cur = con.execute(sql_from_images)
         names = [d[0] for d in cur.description]

@@ -19,7 +19,8 @@ def contact_sheets(home: Path, per_sheet: int = PER_SHEET) -> list[Path]:
     """reports/contact_sheets/<label>.png: a grid of the first train images of each label."""
     rows = rows_of(
         home,
-        "SELECT label, path FROM images ORDER BY label, CASE split WHEN 'train' THEN 0 ELSE 1 END, rank, path",
+        "SELECT label, path FROM images "
+        "ORDER BY label, CASE split WHEN 'train' THEN 0 ELSE 1 END, rank, path",
     )
     by_label: dict[str, list[str]] = {}
     for row in rows:
@@ -42,7 +43,8 @@ def contact_sheets(home: Path, per_sheet: int = PER_SHEET) -> list[Path]:
                     thumb = ImageOps.contain(img.convert("RGB"), (THUMB, THUMB))
             except OSError as exc:
                 raise ValueError(
-                    f"contact sheet: cannot read {rel} ({exc.__class__.__name__}); rebuild its `images` partition"
+                    f"contact sheet: cannot read {rel} ({exc.__class__.__name__}); "
+                    "rebuild its `images` partition"
                 ) from exc
             x = (i % cols) * THUMB + (THUMB - thumb.width) // 2
             y = 20 + (i // cols) * THUMB + (THUMB - thumb.height) // 2
@@ -64,7 +66,8 @@ def class_balance_plot(home: Path) -> tuple[Path, list[dict[str, Any]]]:
 
     rows = rows_of(
         home,
-        """SELECT label, count(*) FILTER (WHERE split = 'train') AS train, count(*) FILTER (WHERE split = 'val') AS val,
+        """SELECT label, count(*) FILTER (WHERE split = 'train') AS train,
+                  count(*) FILTER (WHERE split = 'val') AS val,
                   count(*) FILTER (WHERE split = 'test') AS test, count(*) AS total
            FROM images GROUP BY label ORDER BY total DESC, label""",
     )

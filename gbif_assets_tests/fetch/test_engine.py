@@ -1,0 +1,170 @@
+"""The fetch engine against real hosts with real faults: limits, retries, safety, quota, resume."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from gbif_assets.emulator.imagehosts import ImageHosts
+from gbif_assets.fetch import Candidate, FetchConfig, FetchEngine, download_label
+
+
+def _cand(url: str, dest: Path, stream: str = "s", rank: int = 1, gbif_id: str = "1") -> Candidate:
+    return Candidate(url, hashlib.sha1(url.encode()).hexdigest(), gbif_id, stream, rank, True, dest)
+
+
+def _config(**kw) -> FetchConfig:
+    base = dict(allow_private_hosts=True, retries=2, timeout_s=2, backoff_base_s=0.05, gbif_image_cache_fallback=False)
+    return FetchConfig(**{**base, **kw})
+
+
+def _run(config: FetchConfig, streams: dict[str, tuple[list[Candidate], int]]) -> FetchEngine:
+    engine = FetchEngine(config)
+    asyncio.run(engine.run(streams))
+    return engine
+
+
+def test_every_fault_gets_its_error_class(hosts: ImageHosts, tmp_path: Path) -> None:
+    expected = {
+        "ok": None, "dead404": "http_404", "html": "not_image", "redirect": None,
+        "redirect_long": "too_many_redirects", "redirect_scheme": "blocked", "truncate": "truncated",
+        "reset": "reset", "bomb": "too_large", "huge": "too_large", "huge_chunked": "too_large",
+        "hang": "timeout", "rate429": None, "flaky5xx": None,
+    }  # fmt: skip
+    streams = {
+        name: ([_cand(f"{hosts.base_urls[name]}/photos/{name}/1.jpg", tmp_path / name, stream=name)], 1)
+        for name in expected
+    }
+    engine = _run(_config(max_bytes=1_000_000, retries=1, timeout_s=1), streams)
+    outcomes = {o.candidate.stream: o for o in engine.outcomes}
+    for name, error in expected.items():
+        assert outcomes[name].error == error, (name, outcomes[name].error)
+        files = [p for p in (tmp_path / name).glob("*") if not p.name.startswith(".")] if (tmp_path / name).exists() else []
+        if error is None:
+            assert len(files) == 1
+            with Image.open(files[0]) as img:
+                img.verify()  # the stored file is a real image
+        else:
+            assert files == []  # nothing half-written at a final path
+        assert not list((tmp_path / name).glob(".*.part")) if (tmp_path / name).exists() else True
+    logged = {(a["stream"], a["error"]) for a in engine.attempts}
+    assert ("rate429", "http_429") in logged and ("flaky5xx", "http_5xx") in logged  # retried, then fetched
+
+
+def test_per_host_limit_holds(hosts: ImageHosts, tmp_path: Path) -> None:
+    stats = hosts.stats["slow"]
+    stats.max_open_connections = 0
+    cands = [_cand(f"{hosts.base_urls['slow']}/p/{i}.jpg", tmp_path, rank=i) for i in range(24)]
+    engine = _run(_config(per_host=3, concurrency=50), {"s": (cands, 24)})
+    assert sum(o.ok for o in engine.outcomes) == 24
+    assert 1 <= stats.max_open_connections <= 3
+
+
+@pytest.mark.parametrize("host", ["rate429", "rate429date"])
+def test_retry_after_is_honoured(hosts: ImageHosts, tmp_path: Path, host: str) -> None:
+    url = f"{hosts.base_urls[host]}/retry/{host}.jpg"
+    engine = _run(_config(retries=2), {"s": ([_cand(url, tmp_path)], 1)})
+    attempts = sorted(engine.attempts, key=lambda a: a["attempt"])
+    assert attempts[0]["error"] == "http_429" and attempts[-1]["error"] is None
+    gap = (attempts[-1]["fetched_at"] - attempts[0]["fetched_at"]).total_seconds()
+    assert gap >= 0.5, gap  # waited for Retry-After, not the 0.05 s backoff
+
+
+@pytest.mark.parametrize("by_name", [False, True], ids=["ip-literal", "hostname-resolving-to-loopback"])
+def test_private_addresses_refused_before_any_request(hosts: ImageHosts, tmp_path: Path, by_name: bool) -> None:
+    before = hosts.stats["ok"].requests
+    url = f"{hosts.base_urls['ok']}/private/1.jpg"
+    if by_name:  # 127.0.0.2 has no name; use the same port on 127.0.0.1 via "localhost"
+        url = url.replace("127.0.0.2", "localhost")
+    engine = _run(_config(allow_private_hosts=False), {"s": ([_cand(url, tmp_path)], 1)})
+    assert engine.outcomes[0].error == "blocked"
+    assert hosts.stats["ok"].requests == before
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
+def test_dead_host_costs_seconds_not_hours(hosts: ImageHosts, tmp_path: Path) -> None:
+    cands = [_cand(f"{hosts.base_urls['hang']}/h/{i}.jpg", tmp_path, rank=i) for i in range(40)]
+    started = time.monotonic()
+    engine = _run(_config(timeout_s=0.5, retries=1, per_host=2, breaker_failures=3, breaker_open_s=60), {"s": (cands, 40)})
+    elapsed = time.monotonic() - started
+    assert elapsed < 8, elapsed  # 40 candidates x 2 attempts x 0.5 s / 2 connections would be 20 s
+    assert any(a["error"] == "circuit_open" for a in engine.attempts)
+
+
+def test_dead_links_are_replaced_from_the_same_stream(hosts: ImageHosts, tmp_path: Path) -> None:
+    dead = [_cand(f"{hosts.base_urls['dead404']}/d/{i}.jpg", tmp_path, "a", rank=i) for i in range(1, 4)]
+    live = [_cand(f"{hosts.base_urls['ok']}/a/{i}.jpg", tmp_path, "a", rank=i) for i in range(4, 10)]
+    other = [_cand(f"{hosts.base_urls['ok']}/b/{i}.jpg", tmp_path, "b", rank=i) for i in range(1, 10)]
+    engine = _run(_config(), {"a": (dead + live, 3), "b": (other, 2)})
+    kept = [o for o in engine.outcomes if o.ok]
+    assert sorted(o.candidate.stream for o in kept) == ["a", "a", "a", "b", "b"]
+    assert all(o.candidate.rank >= 4 for o in kept if o.candidate.stream == "a")
+
+
+def test_gbif_image_cache_rescues_dead_links(hosts: ImageHosts, tmp_path: Path) -> None:
+    url = f"{hosts.base_urls['dead404']}/gone/1.jpg"
+    config = _config(gbif_image_cache_fallback=True, image_cache_base=f"{hosts.base_urls['ok']}/v1/image/cache")
+    engine = _run(config, {"s": ([_cand(url, tmp_path, gbif_id="42")], 1)})
+    outcome = engine.outcomes[0]
+    assert outcome.ok and outcome.source == "gbif_cache"
+    md5 = hashlib.md5(url.encode()).hexdigest()
+    cache_attempts = [a for a in engine.attempts if a["source"] == "gbif_cache"]
+    assert cache_attempts[0]["url"] == url and cache_attempts[0]["final_url"].endswith(f"/occurrence/42/media/{md5}")
+
+
+def _manifest(path: Path, base: str, n: int, label: str = "L1") -> Path:
+    urls = [f"{base}/resume/{i}.jpg" for i in range(n)]
+    table = pa.table(
+        {
+            "label": [label] * n,
+            "identifier": urls,
+            "url_sha1": [hashlib.sha1(u.encode()).hexdigest() for u in urls],
+            "gbifID": [str(1000 + i) for i in range(n)],
+            "stream": ["s"] * n,
+            "rank": list(range(1, n + 1)),
+            "selected": [True] * n,
+            "split": ["train" if i % 5 else "test" for i in range(n)],
+            "stream_target": [n] * n,
+        }
+    )
+    pq.write_table(table, path)
+    return path
+
+
+def test_kill_dash_nine_then_resume(hosts: ImageHosts, tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    manifest = _manifest(tmp_path / "manifest.parquet", hosts.base_urls["slow"], 40)
+    env = {**os.environ, "GBIF_ASSETS_ALLOW_PRIVATE_HOSTS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "gbif_assets.fetch", str(manifest), "L1", str(home)], env=env)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and len(list(home.glob("images/*/L1/*.jpg"))) < 8:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = {p: p.stat().st_mtime_ns for p in home.glob("images/*/L1/*.jpg")}
+    assert 8 <= len(finished) < 40
+    for path in finished:  # every file at a final path is a whole, valid image
+        with Image.open(path) as img:
+            img.load()
+    before = hosts.stats["slow"].requests
+    result = download_label(manifest, "L1", home, _config(concurrency=4, per_host=2))
+    assert result.kept == 40 and result.already_present == len(finished)
+    assert hosts.stats["slow"].requests - before == 40 - len(finished)  # nothing fetched twice
+    for path, mtime in finished.items():
+        assert path.stat().st_mtime_ns == mtime
+    assert not list(home.glob("images/*/L1/.*.part"))
+    kept = pq.read_table(home / "metadata" / "partitions" / "L1.parquet")
+    assert kept.num_rows == 40 and set(kept.column("source").to_pylist()) == {"publisher"}
+    log = pq.read_table(home / "metadata" / "downloads" / "L1.parquet")
+    assert {"url", "host", "final_url", "status", "error", "bytes", "ms", "attempt", "source"} <= set(log.column_names)
