@@ -136,7 +136,7 @@ def _csv(path: Path, spec: FileSpec, width: int) -> str:
     return (
         f"read_csv('{path.as_posix()}', delim='{delim}', quote='{quote_char}', escape='{quote_char}', "
         f"header={'true' if spec.header_lines else 'false'}, columns={columns}, auto_detect=false, "
-        "ignore_errors=true, store_rejects=true, parallel=true, strict_mode=false, null_padding=false)"
+        "ignore_errors=true, store_rejects=true, parallel=true, strict_mode=true, null_padding=false)"
     )
 
 
@@ -148,10 +148,10 @@ def _header_width(path: Path, spec: FileSpec) -> int:
 
 def _rejects(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
     try:
-        rows = con.execute("SELECT error_type, count(*) FROM reject_errors GROUP BY ALL").fetchall()
+        rows = con.execute("SELECT error_type, count(DISTINCT (file_id, line)) FROM reject_errors GROUP BY ALL").fetchall()
     except duckdb.Error:
         return {}
-    names = {"TOO MANY COLUMNS": "too_many_fields", "MISSING COLUMNS": "too_few_fields", "INVALID UNICODE": "not_utf8"}
+    names = {"TOO MANY COLUMNS": "too_many_fields", "MISSING COLUMNS": "too_few_fields", "INVALID UNICODE": "not_utf8", "INVALID ENCODING": "not_utf8"}
     return {names.get(str(kind), str(kind).lower().replace(" ", "_")): int(n) for kind, n in rows}
 
 
