@@ -73,6 +73,7 @@ def croissant(
     """<home>/croissant.json: a Croissant 1.0 description of the image set and its metadata table
     (at the dataset root, so its relative contentUrl values resolve against the dataset folder)."""
     urls = [license_url(lic) or lic for lic in licenses]
+    today = dt.date.today()
     doc: dict[str, Any] = {
         "@context": {
             "@language": "en",
@@ -85,6 +86,7 @@ def croissant(
             "data": {"@id": "cr:data", "@type": "@json"},
             "dataType": {"@id": "cr:dataType", "@type": "@vocab"},
             "dct": "http://purl.org/dc/terms/",
+            "equivalentProperty": "cr:equivalentProperty",
             "examples": {"@id": "cr:examples", "@type": "@json"},
             "extract": "cr:extract",
             "field": "cr:field",
@@ -104,6 +106,7 @@ def croissant(
             "regex": "cr:regex",
             "repeated": "cr:repeated",
             "replace": "cr:replace",
+            "samplingRate": "cr:samplingRate",
             "sc": "https://schema.org/",
             "separator": "cr:separator",
             "source": "cr:source",
@@ -117,7 +120,9 @@ def croissant(
         "url": "https://www.gbif.org/",
         "license": urls,
         "citeAs": citation,
-        "datePublished": dt.date.today().isoformat(),
+        "datePublished": today.isoformat(),
+        # A refresh is a new version: the date of the build.
+        "version": f"{today.year}.{today.month}.{today.day}",
         "distribution": [
             {
                 "@type": "cr:FileObject",

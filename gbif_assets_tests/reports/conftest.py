@@ -73,7 +73,7 @@ class Item:
 
 
 def items() -> list[Item]:
-    """The candidates: label 1001 has 6 kept files (one a byte copy), 2002 has 4 and 2 dead links."""
+    """Label 1001: 6 kept files (one a byte copy of another); 2002: 4 kept and 2 dead links."""
     by = "CC-BY-4.0", "http://creativecommons.org/licenses/by/4.0/"
     nc = "CC-BY-NC-4.0", "http://creativecommons.org/licenses/by-nc/4.0/"
     zero = "CC0-1.0", "http://creativecommons.org/publicdomain/zero/1.0/"
@@ -136,9 +136,10 @@ def build_home(home: Path) -> list[Item]:
     cands = items()
     manifest = [
         {
-            "gbifID": c.gbif_id, "datasetKey": c.dataset, "publishingOrgKey": c.org, "identifier": c.url,
-            "references": f"https://observations.example/{c.gbif_id}", "title": c.title, "creator": c.creator,
-            "rightsHolder": c.holder, "license": c.license_raw, "label": c.label, "license_id": c.license_id,
+            "gbifID": c.gbif_id, "datasetKey": c.dataset, "publishingOrgKey": c.org,
+            "identifier": c.url, "references": f"https://observations.example/{c.gbif_id}",
+            "title": c.title, "creator": c.creator, "rightsHolder": c.holder,
+            "license": c.license_raw, "label": c.label, "license_id": c.license_id,
             "license_source": "media", "host": c.url.split("/")[2], "url_sha1": c.url_sha1,
             "stream": f"{c.dataset}|{c.label}", "rank": c.rank, "selected": True, "split": c.split,
         }
@@ -155,7 +156,8 @@ def build_home(home: Path) -> list[Item]:
                 with Image.open(io.BytesIO(c.data)) as img:
                     width, height = img.size
                 kept.append({
-                    "url": c.url, "url_sha1": c.url_sha1, "path": c.path, "split": c.split, "label": c.label,
+                    "url": c.url, "url_sha1": c.url_sha1, "path": c.path, "split": c.split,
+                    "label": c.label,
                     "gbifID": c.gbif_id, "stream": f"{c.dataset}|{c.label}", "rank": c.rank,
                     "sha256": hashlib.sha256(c.data).hexdigest(), "width": width, "height": height,
                     "bytes": len(c.data), "mime": "image/png" if c.ext == "png" else "image/jpeg",
@@ -179,8 +181,9 @@ def build_home(home: Path) -> list[Item]:
                 attempts = [("publisher", 200, None, 1)]
             for i, (source, status, error, attempt) in enumerate(attempts):
                 log.append({
-                    "url": c.url, "host": c.url.split("/")[2], "final_url": c.url, "status": status, "error": error,
-                    "bytes": len(c.data) if c.data and error is None else 0, "ms": 12, "attempt": attempt,
+                    "url": c.url, "host": c.url.split("/")[2], "final_url": c.url,
+                    "status": status, "error": error, "ms": 12, "attempt": attempt,
+                    "bytes": len(c.data) if c.data and error is None else 0,
                     "source": source, "stream": f"{c.dataset}|{c.label}", "gbifID": c.gbif_id,
                     "fetched_at": T0 + dt.timedelta(seconds=i),
                 })  # fmt: skip

@@ -13,14 +13,15 @@ from conftest import DS_A, DS_B
 
 from gbif_assets.reports.citation import derived_dataset_request, write_citation
 
-# Text GBIF answers on GET /occurrence/download/{key}/citation (recorded by pygbif), trailing newline included.
+# GBIF's answer to GET /occurrence/download/{key}/citation (recorded by pygbif), newline included.
 GBIF_TEXT = (
     "GBIF.org (2 January 2023) GBIF Occurrence Download https://doi.org/10.15468/dl.29wbtx\n"
 )
 # Answer of POST /derivedDataset (recorded by rgbif).
 DERIVED_ANSWER = {
     "doi": "10.15468/dd.cam6mk",
-    "citation": "Derived dataset GBIF.org (4 September 2025) Filtered export of GBIF occurrence data https://doi.org/10.15468/dd.cam6mk",
+    "citation": "Derived dataset GBIF.org (4 September 2025) Filtered export of GBIF occurrence "
+    "data https://doi.org/10.15468/dd.cam6mk",
     "title": "Test for derived dataset",
 }
 
@@ -84,7 +85,7 @@ def test_derived_dataset_request_counts_kept_images(merged: Path) -> None:
     body = derived_dataset_request(
         merged, "plants", "https://www.gbif.org/occurrence/search?taxonKey=1", "desc"
     )
-    # The recorded rgbif request has exactly these keys; counts are of kept images (duplicate removed).
+    # The recorded rgbif request has exactly these keys; counts are of kept images (no duplicate).
     assert body == {
         "title": "plants",
         "sourceUrl": "https://www.gbif.org/occurrence/search?taxonKey=1",

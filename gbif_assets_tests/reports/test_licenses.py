@@ -81,3 +81,16 @@ def test_attribution_has_one_line_per_image(merged: Path) -> None:
     assert by_occ["7"]["source_url"] == "https://observations.example/7"
     assert all(line["path"].startswith("images/") for line in lines)
     assert result.missing_creator == 0 and result.warnings == []
+
+
+def test_missing_licence_counts_as_unknown(merged: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = merged / "metadata" / "images.parquet"
+    rows = pq.read_table(table).to_pylist()
+    rows[0]["license"] = None
+    pq.write_table(pa.Table.from_pylist(rows), table)
+    report = license_report(merged)
+    assert {r["license"]: r["images"] for r in report.per_license}["unknown"] == 1
+    assert "unknown (1 images)" in report.warnings[0]

@@ -14,7 +14,7 @@ from gbif_assets.reports.linkrot import link_rot_report
 
 def test_valid_invalid_and_rescued_links(home: Path) -> None:
     report = link_rot_report(home)
-    # 12 links: 9 served by the publisher, 1 only by GBIF's cache (404 at the publisher), 2 dead everywhere.
+    # 12 links: 9 served by the publisher, 1 only by GBIF's cache (404), 2 dead everywhere.
     assert (report.links_tried, report.valid, report.rescued_by_gbif_cache, report.invalid) == (
         12,
         9,
@@ -38,7 +38,7 @@ def test_valid_invalid_and_rescued_links(home: Path) -> None:
     }
     assert per_pub == {(DS_A, ORG_A): (5, 1), (DS_B, ORG_B): (4, 2)}
     per_error = {(r["error_class"], r["status"]): r["links"] for r in report.per_error}
-    # The last publisher attempt decides the class: the timeouts of gbifID 11 were retried and failed again.
+    # The last publisher attempt decides the class (gbifID 11 timed out twice: one link).
     assert per_error == {("HTTPStatus", 404): 1, ("HTTPStatus", 403): 1, ("Timeout", None): 1}
 
 

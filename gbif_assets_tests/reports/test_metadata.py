@@ -64,11 +64,12 @@ def test_near_duplicates_are_flagged_not_removed(home: Path) -> None:
     shutil.copy(home / original.path, home / "spare.jpg")
     part = home / "metadata" / "partitions" / "1001.parquet"
     rows = pq.read_table(part).to_pylist()
-    extra = dict(rows[0], url="https://img.a.example/copy.jpg", url_sha1="f" * 40, path=target.relative_to(home).as_posix(),
+    extra = dict(rows[0], url="https://img.a.example/copy.jpg", url_sha1="f" * 40,
+                 path=target.relative_to(home).as_posix(),
                  gbifID="99", rank=50, sha256="0" * 64, width=96, height=64)  # fmt: skip
     import pyarrow as pa
 
-    pq.write_table(pa.Table.from_pylist(rows + [extra]), part)
+    pq.write_table(pa.Table.from_pylist([*rows, extra]), part)
     result = merge_image_metadata(home)
     assert result.near_duplicates >= 1 and result.rows == 10
     flagged = {
@@ -79,7 +80,7 @@ def test_near_duplicates_are_flagged_not_removed(home: Path) -> None:
 
 
 def test_missing_partitions_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="partitions.*materialize `images`"):
+    with pytest.raises(FileNotFoundError, match=r"partitions.*materialize `images`"):
         merge_image_metadata(tmp_path)
     assert not (tmp_path / "metadata" / "images.parquet").exists()
 
