@@ -1,0 +1,212 @@
+"""The manifest: licences, filter funnel, gbif-dl balancing, reserve ranks, grouped stable splits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gbif_assets.ingest import load_search_records, required_fields
+from gbif_assets.manifest import build_manifest, check_split_leakage, normalize_license, stream_targets
+from gbif_assets.recipe import parse_recipe
+
+ROOT = Path(__file__).resolve().parents[2]
+RECORDED = ROOT / "gbif_assets" / "emulator" / "data" / "recorded"
+
+
+def _recipe(**changes) -> object:
+    data = yaml.safe_load((ROOT / "datasets" / "invasive_plants.yaml").read_text())
+    for dotted, value in changes.items():
+        node = data
+        *parents, last = dotted.split("__")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return parse_recipe(data, "test")
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("http://creativecommons.org/licenses/by-nc/4.0/", "CC-BY-NC-4.0"),
+        ("http://creativecommons.org/licenses/by/4.0/", "CC-BY-4.0"),
+        ("http://creativecommons.org/publicdomain/zero/1.0/", "CC0-1.0"),
+        ("http://creativecommons.org/licenses/by-nc-sa/4.0/", "CC-BY-NC-SA-4.0"),
+        ("http://creativecommons.org/licenses/by-nc/3.0/", "CC-BY-NC-3.0"),
+        ("http://creativecommons.org/licenses/by-sa/4.0/", "CC-BY-SA-4.0"),
+        ("http://creativecommons.org/licenses/by-nc-nd/4.0/", "CC-BY-NC-ND-4.0"),
+        ("http://creativecommons.org/licenses/by/4.0/legalcode", "CC-BY-4.0"),
+        ("https://www.creativecommons.org/licenses/by-nd/2.5/deed.fr", "CC-BY-ND-2.5"),
+        ("https://huh.harvard.edu/access-digital-reproductions-works-public-domain", "unknown"),
+        ("Usage Conditions Apply", "unknown"),
+        ("All rights reserved", "all-rights-reserved"),
+        ("© 2021 Jane Doe", "all-rights-reserved"),
+        ("CC BY-NC 4.0", "CC-BY-NC-4.0"),
+        ("CC_BY_4_0", "CC-BY-4.0"),
+        ("CC_BY_NC_4_0", "CC-BY-NC-4.0"),
+        ("CC0_1_0", "CC0-1.0"),
+        ("Public Domain Mark 1.0", "PDM-1.0"),
+        ("Attribution-NonCommercial-ShareAlike 4.0 International", "CC-BY-NC-SA-4.0"),
+        ("UNSPECIFIED", "unknown"),
+        (None, None),
+        ("  ", None),
+    ],
+)
+def test_licence_normalization_on_real_values(raw: str | None, expected: str | None) -> None:
+    assert normalize_license(raw) == expected
+
+
+def test_every_licence_in_the_recordings_is_mapped() -> None:
+    values = set()
+    for name in ("pygbif_test_search_key2.json", "rgbif_occ_search_datasetkey.json"):
+        for exchange in json.loads((RECORDED / name).read_text()):
+            for record in exchange["response"]["body"]["results"]:
+                values |= {m.get("license") for m in record.get("media", [])}
+    mapped = {v: normalize_license(v) for v in values if v}
+    assert mapped and all(m is not None for m in mapped.values())
+    assert {"CC-BY-4.0", "CC0-1.0", "CC-BY-NC-4.0"} <= set(mapped.values())
+
+
+def _table(con: duckdb.DuckDBPyConnection, rows: list[dict]) -> None:
+    records = [
+        {
+            "key": int(r["gbifID"]), "gbifID": r["gbifID"], "speciesKey": r["species"], "datasetKey": r["dataset"],
+            "publishingOrgKey": "00000000-0000-0000-0000-000000000001",
+            "license": "http://creativecommons.org/licenses/by/4.0/legalcode",
+            "media": [{"type": "StillImage", "format": "image/jpeg", "identifier": url, "license": r.get("license", "CC0_1_0")} for url in r["urls"]],
+        }
+        for r in rows
+    ]  # fmt: skip
+    load_search_records(con, records, required_fields(_recipe()))
+
+
+def _pool(sizes: dict[tuple[str, str], int], media: int = 1) -> list[dict]:
+    rows, n = [], 0
+    for (species, dataset), size in sizes.items():
+        for _ in range(size):
+            n += 1
+            rows.append({"gbifID": str(n), "species": species, "dataset": dataset, "urls": [f"https://h{n % 7}.org/{n}/{m}.jpg" for m in range(media)]})
+    return rows
+
+
+DATASET_A = "7a3679ef-5582-4aaa-81f0-8c2545cafc81"
+DATASET_B = "50c9509d-22c7-4a22-a47d-8c48425ef4a7"
+
+
+def test_balance_minus_one_gives_smallest_stream_times_streams() -> None:
+    con = duckdb.connect()
+    _table(con, _pool({("1", DATASET_A): 30, ("1", DATASET_B): 12, ("2", DATASET_A): 50, ("2", DATASET_B): 20}))
+    result = build_manifest(con, _recipe(balance__nb_samples=-1))
+    per_stream = dict(con.execute("SELECT stream, count(*) FILTER (WHERE selected) FROM media_manifest GROUP BY stream").fetchall())
+    assert set(per_stream.values()) == {12}
+    assert result.selected == 48
+    ranks = con.execute("SELECT stream, min(rank), max(rank), count(*) FROM media_manifest GROUP BY stream").fetchall()
+    assert all(lo == 1 and hi == n for _, lo, hi, n in ranks)  # every candidate ranked: the reserve
+    assert con.execute("SELECT bool_and((rank <= 12) = selected) FROM media_manifest").fetchone()[0]
+
+
+def test_sample_is_seeded_random_not_first_n() -> None:
+    con = duckdb.connect()
+    _table(con, _pool({("1", DATASET_A): 200}))
+    build_manifest(con, _recipe(balance__nb_samples_per_stream=20, balance__nb_samples=None))
+    chosen = {r[0] for r in con.execute("SELECT gbifID FROM media_manifest WHERE selected").fetchall()}
+    assert len(chosen) == 20 and chosen != {str(i) for i in range(1, 21)}
+    build_manifest(con, _recipe(balance__nb_samples_per_stream=20, balance__nb_samples=None))
+    assert chosen == {r[0] for r in con.execute("SELECT gbifID FROM media_manifest WHERE selected").fetchall()}
+    build_manifest(con, _recipe(balance__nb_samples_per_stream=20, balance__nb_samples=None, balance__seed=7))
+    assert chosen != {r[0] for r in con.execute("SELECT gbifID FROM media_manifest WHERE selected").fetchall()}
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    sizes=st.lists(st.integers(min_value=0, max_value=500), min_size=1, max_size=8),
+    nb_samples=st.one_of(st.none(), st.just(-1), st.integers(min_value=1, max_value=3000)),
+    per_stream=st.one_of(st.none(), st.integers(min_value=1, max_value=400)),
+    weighted=st.booleans(),
+)
+def test_stream_targets_properties(sizes: list[int], nb_samples: int | None, per_stream: int | None, weighted: bool) -> None:
+    streams = {f"s{i}": n for i, n in enumerate(sizes)}
+    targets = stream_targets(streams, nb_samples, per_stream, weighted)
+    cap = per_stream if per_stream is not None else float("inf")
+    assert all(0 <= targets[s] <= min(n, cap) for s, n in streams.items())
+    available = sum(min(n, cap) for n in streams.values())
+    if nb_samples is None:
+        assert targets == {s: int(min(n, cap)) for s, n in streams.items()}
+    else:
+        total = len(sizes) * min(sizes) if nb_samples == -1 else nb_samples
+        assert sum(targets.values()) == min(total, available)
+        if nb_samples == -1 and per_stream is None:
+            assert set(targets.values()) <= {min(sizes)}
+        if not weighted and sum(targets.values()) < available:
+            # round robin: no open stream sits more than one below another
+            open_ = [targets[s] for s, n in streams.items() if targets[s] < min(n, cap)]
+            assert not open_ or max(targets.values()) - min(open_) <= 1
+
+
+def test_split_grouped_by_occurrence_stable_and_close_to_fractions() -> None:
+    con = duckdb.connect()
+    _table(con, _pool({("1", DATASET_A): 50_000, ("2", DATASET_B): 50_000}, media=2))
+    build_manifest(con, _recipe(balance__nb_samples=None))
+    fractions = dict(con.execute("SELECT split, count(DISTINCT gbifID) / 100000 FROM media_manifest GROUP BY split").fetchall())
+    assert abs(fractions["train"] - 0.8) < 0.01 and abs(fractions["val"] - 0.1) < 0.01 and abs(fractions["test"] - 0.1) < 0.01
+    assert check_split_leakage(con) == []
+    before = dict(con.execute("SELECT gbifID, split FROM media_manifest").fetchall())
+    con.execute("DELETE FROM occurrences WHERE CAST(gbifID AS INTEGER) % 3 = 0")  # a refresh with fewer records
+    build_manifest(con, _recipe(balance__nb_samples=None))
+    after = dict(con.execute("SELECT gbifID, split FROM media_manifest").fetchall())
+    assert all(before[g] == s for g, s in after.items())
+
+
+def test_filter_funnel_counts_each_removal() -> None:
+    con = duckdb.connect()
+    rows = _pool({("1", DATASET_A): 10})
+    rows[0]["license"] = "All rights reserved"
+    rows[1]["license"] = None
+    rows[2]["urls"] = rows[3]["urls"]  # the same URL twice
+    rows.append({"gbifID": "999", "species": "1", "dataset": "00000000-0000-0000-0000-0000000000aa", "urls": ["https://h1.org/x.jpg"]})
+    _table(con, rows)
+    recipe = _recipe(filters__publishers={"deny": ["00000000-0000-0000-0000-0000000000aa"]}, filters__hosts={"deny": ["h2.org"]})
+    result = build_manifest(con, recipe)
+    removed = {f["step"].split(" (")[0]: f["removed"] for f in result.funnel}
+    assert removed["licence missing"] == 1
+    assert removed["licence not in ['CC0-1.0', 'CC-BY-4.0', 'CC-BY-NC-4.0', 'CC-BY-SA-4.0']"] == 1
+    assert removed["publisher denied"] == 1
+    assert removed["identical URL kept once"] == 1
+    assert removed["host denied"] >= 1
+    assert result.rows == result.funnel[-1]["remaining"]
+
+
+def test_occurrence_licence_fallback_only_when_allowed() -> None:
+    con = duckdb.connect()
+    rows = _pool({("1", DATASET_A): 5})
+    for row in rows:
+        row["license"] = None
+    _table(con, rows)
+    assert build_manifest(con, _recipe()).rows == 0
+    result = build_manifest(con, _recipe(filters__allow_occurrence_license=True))
+    assert result.rows == 5
+    assert con.execute("SELECT DISTINCT license_source, license_id FROM media_manifest").fetchall() == [("occurrence", "CC-BY-4.0")]
+
+
+def test_strict_host_allow_list_and_one_media_per_occurrence() -> None:
+    con = duckdb.connect()
+    _table(con, _pool({("1", DATASET_A): 30}, media=3))
+    result = build_manifest(con, _recipe(filters__hosts={"allow": ["h1.org"]}, filters__one_media_per_occurrence=True))
+    hosts = {r[0] for r in con.execute("SELECT DISTINCT host FROM media_manifest").fetchall()}
+    assert hosts == {"h1.org"}
+    assert con.execute("SELECT max(c) FROM (SELECT count(*) c FROM media_manifest GROUP BY gbifID)").fetchone()[0] == 1
+    assert result.rows > 0
+
+
+def test_missing_label_field_is_a_clear_error() -> None:
+    con = duckdb.connect()
+    con.register("t", pa.table({"gbifID": ["1"]}))
+    con.execute("CREATE TABLE occurrences AS SELECT * FROM t")
+    with pytest.raises(ValueError, match="'speciesKey' .* is not in `occurrences`"):
+        build_manifest(con, _recipe())
