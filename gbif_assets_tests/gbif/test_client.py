@@ -1,0 +1,205 @@
+"""The GBIF client against the emulator and against small hostile servers: retries, auth, resume."""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import time
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from gbif_assets.gbif import DownloadGone, GbifAuthError, GbifClient, GbifError, harvest, query_to_predicate
+from gbif_assets.gbif.harvest import HarvestTooLarge
+from gbif_assets_tests.conftest import GBIF_TEST_PASSWORD, GBIF_TEST_USER
+
+QUERY = {"speciesKey": [5352251, 3190653], "datasetKey": ["7a3679ef-5582-4aaa-81f0-8c2545cafc81"]}
+
+
+def _client(url: str, password: str = GBIF_TEST_PASSWORD, **kw) -> GbifClient:
+    return GbifClient(url, GBIF_TEST_USER, password, "t@example.org", backoff_base_s=0.01, **kw)
+
+
+def test_download_roundtrip_with_resume(emulator, tmp_path: Path) -> None:
+    async def go() -> tuple[dict, Path]:
+        async with _client(emulator.api_url) as client:
+            key = await client.request_download(query_to_predicate(QUERY))
+            emulator.set_status(key, "SUCCEEDED")
+            status = await client.download_status(key)
+            emulator.config.cut_file_transfers = 1  # the first transfer breaks half-way
+            path = await client.fetch_archive(key, tmp_path / f"{key}.zip")
+            again = await client.fetch_archive(key, tmp_path / f"{key}.zip")  # idempotent
+            assert again == path
+            return status, path
+
+    status, path = asyncio.run(go())
+    assert status["status"] == "SUCCEEDED" and path.stat().st_size == status["size"]
+    assert not list(tmp_path.glob("*.part"))
+
+
+def test_bad_password_never_printed(emulator, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+
+    async def go() -> None:
+        async with _client(emulator.api_url, password="s3cret-Pa55") as client:
+            await client.request_download(query_to_predicate(QUERY))
+
+    with pytest.raises(GbifAuthError) as info:
+        asyncio.run(go())
+    assert GBIF_TEST_USER in str(info.value)
+    assert "s3cret-Pa55" not in str(info.value) and "s3cret-Pa55" not in caplog.text
+    assert "s3cret-Pa55" not in repr(_client(emulator.api_url, password="s3cret-Pa55"))
+
+
+def test_erased_download_says_request_again(emulator, tmp_path: Path) -> None:
+    async def go() -> None:
+        async with _client(emulator.api_url) as client:
+            key = await client.request_download({"type": "equals", "key": "YEAR", "value": "1777"})
+            emulator.set_status(key, "FILE_ERASED")
+            await client.fetch_archive(key, tmp_path / "x.zip")
+
+    with pytest.raises(DownloadGone, match="request a new download"):
+        asyncio.run(go())
+
+
+async def _serve(handler) -> tuple[web.AppRunner, str]:
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
+
+
+@pytest.mark.parametrize("retry_after", ["1", "http-date"])
+def test_429_and_5xx_back_off_and_honour_retry_after(retry_after: str) -> None:
+    calls: list[float] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        calls.append(time.monotonic())
+        if len(calls) == 1:
+            value = retry_after if retry_after != "http-date" else email.utils.formatdate(time.time() + 2, usegmt=True)
+            return web.Response(status=429, text="slow down", headers={"Retry-After": value})
+        if len(calls) == 2:
+            return web.Response(status=503, text="busy")
+        return web.json_response({"count": 7, "results": []})
+
+    async def go() -> dict:
+        runner, url = await _serve(handler)
+        try:
+            async with _client(url) as client:
+                return await client.count([("speciesKey", "1")])
+        finally:
+            await runner.cleanup()
+
+    assert asyncio.run(go())["count"] == 7
+    assert len(calls) == 3 and calls[1] - calls[0] >= 0.9
+
+
+def test_420_waits_then_succeeds() -> None:
+    calls = []
+
+    async def handler(request: web.Request) -> web.Response:
+        calls.append(1)
+        if len(calls) == 1:
+            return web.Response(status=420, text="Too many simultaneous downloads")
+        return web.Response(status=201, text="0000009-000000000000000", content_type="application/json")
+
+    async def go() -> str:
+        runner, url = await _serve(handler)
+        try:
+            async with _client(url, too_many_downloads_wait_s=0.1) as client:
+                return await client.request_download({"type": "equals", "key": "YEAR", "value": "2000"})
+        finally:
+            await runner.cleanup()
+
+    assert asyncio.run(go()) == "0000009-000000000000000" and len(calls) == 2
+
+
+def test_other_errors_name_status_and_body() -> None:
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(status=400, text="Invalid predicate: bogus")
+
+    async def go() -> None:
+        runner, url = await _serve(handler)
+        try:
+            async with _client(url) as client:
+                await client.request_download({"type": "equals", "key": "YEAR", "value": "2000"})
+        finally:
+            await runner.cleanup()
+
+    with pytest.raises(GbifError, match="HTTP 400: Invalid predicate: bogus"):
+        asyncio.run(go())
+
+
+def test_harvest_fetches_every_stream_and_records_requests(emulator) -> None:
+    async def go():
+        async with _client(emulator.api_url) as client:
+            return await harvest(client, QUERY, ["speciesKey", "datasetKey"], None)
+
+    records, report = asyncio.run(go())
+    assert len(report.streams) == 2 and all(s["fetched"] == s["matching"] > 0 for s in report.streams)
+    assert len(records) == sum(s["matching"] for s in report.streams)
+    assert any("limit=0" in r["params"] for r in report.requests)
+
+
+def test_harvest_pages_only_what_the_balance_needs(emulator) -> None:
+    async def go():
+        async with _client(emulator.api_url) as client:
+            return await harvest(client, {"speciesKey": [2683264]}, [], 10)
+
+    records, report = asyncio.run(go())
+    assert report.streams[0]["wanted"] == 35  # 10 needed x 1.5 + 20 reserve for link rot
+    pages = [r for r in report.requests if r["purpose"] == "page"]
+    assert len(pages) == 1 and "limit=300&offset=0" in pages[0]["params"]
+
+
+def test_harvest_splits_past_the_offset_window() -> None:
+    """A stream of 150,000 records is split by year so every record stays reachable."""
+    years = {str(1990 + y): 5000 for y in range(30)}
+
+    async def handler(request: web.Request) -> web.Response:
+        q = request.query
+        year = q.get("year")
+        count = years[year] if year else sum(years.values())
+        if "facet" in q:
+            counts = [{"name": y, "count": n} for y, n in years.items()]
+            return web.json_response({"count": count, "results": [], "facets": [{"field": "YEAR", "counts": counts}]})
+        limit, offset = int(q.get("limit", 20)), int(q.get("offset", 0))
+        if offset + limit > 100_000:
+            return web.Response(status=400, text="offset too large")
+        n = max(0, min(limit, count - offset))
+        base = int(year or 0) * 100_000
+        return web.json_response({"count": count, "results": [{"key": base + offset + i, "media": []} for i in range(n)]})
+
+    async def go():
+        runner, url = await _serve(handler)
+        try:
+            async with _client(url) as client:
+                return await harvest(client, {"speciesKey": [1]}, [], None)
+        finally:
+            await runner.cleanup()
+
+    records, report = asyncio.run(go())
+    assert len(records) == 150_000 and report.streams[0]["sub_queries"] == 30
+
+
+def test_harvest_refuses_what_it_cannot_reach() -> None:
+    async def handler(request: web.Request) -> web.Response:
+        if "facet" in request.query:
+            return web.json_response({"count": 200_000, "results": [], "facets": [{"field": "X", "counts": [{"name": "a", "count": 200_000}]}]})
+        return web.json_response({"count": 200_000, "results": []})
+
+    async def go():
+        runner, url = await _serve(handler)
+        try:
+            async with _client(url) as client:
+                return await harvest(client, {"speciesKey": [1]}, [], None)
+        finally:
+            await runner.cleanup()
+
+    with pytest.raises(HarvestTooLarge, match="use `source.mode: download`"):
+        asyncio.run(go())
