@@ -17,7 +17,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,7 +56,8 @@ class FetchConfig:
     breaker_failures: int = 5
     breaker_open_s: float = 60.0
     progress_every_s: float = 3.0
-    verify_workers: int = 1
+    verify_workers: int = 2
+    verify_processes: bool = False
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,8 @@ class FetchEngine:
         self._breaker = _Breaker(config.breaker_failures, config.breaker_open_s)
         self._hosts: dict[str, asyncio.Semaphore] = {}
         self._global = asyncio.Semaphore(config.concurrency)
-        self._pool: ProcessPoolExecutor | None = None
+        self._pool: Executor | None = None
+        self._made_dirs: set[Path] = set()
         self._done = 0
         self._target = 0
         self._started = time.monotonic()
@@ -189,7 +191,7 @@ class FetchEngine:
         timeout = aiohttp.ClientTimeout(
             total=self.config.timeout_s * 2, connect=self.config.timeout_s, sock_read=self.config.timeout_s
         )
-        self._pool = ProcessPoolExecutor(max_workers=self.config.verify_workers)
+        self._pool = self._executor()
         reporter = asyncio.create_task(self._report_loop())
         try:
             async with aiohttp.ClientSession(
@@ -201,6 +203,13 @@ class FetchEngine:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._emit()
         return self.outcomes
+
+    def _executor(self) -> Executor:
+        """Image checks off the event loop: threads by default (Pillow and hashlib release the
+        GIL, and nothing is pickled), processes when `verify_processes` asks for full isolation."""
+        if self.config.verify_processes:
+            return ProcessPoolExecutor(max_workers=self.config.verify_workers)
+        return ThreadPoolExecutor(max_workers=self.config.verify_workers, thread_name_prefix="verify")
 
     async def _report_loop(self) -> None:
         while True:
@@ -218,23 +227,37 @@ class FetchEngine:
         )
 
     async def _run_stream(self, session: aiohttp.ClientSession, candidates: list[Candidate], target: int) -> None:
+        """Workers pull candidates in rank order; a failure frees its place for the next reserve.
+
+        A worker only starts a candidate while `done + in_flight < target`, so the stream never
+        fetches more than it needs, and waits while others are in flight (they may fail).
+        """
         queue = collections.deque(sorted(candidates, key=lambda c: c.rank))
-        done = 0
-        pending: set[asyncio.Task[Outcome]] = set()
-        while done < target and (queue or pending):
-            while queue and done + len(pending) < target:
-                pending.add(asyncio.create_task(self._fetch(session, queue.popleft())))
-            finished, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for task in finished:
-                outcome = task.result()
+        state = {"done": 0, "in_flight": 0}
+        changed = asyncio.Condition()
+
+        async def worker() -> None:
+            while True:
+                async with changed:
+                    while queue and state["done"] + state["in_flight"] >= target and state["done"] < target:
+                        await changed.wait()
+                    if not queue or state["done"] >= target:
+                        return
+                    cand = queue.popleft()
+                    state["in_flight"] += 1
+                outcome = await self._fetch(session, cand)
                 self.outcomes.append(outcome)
-                if outcome.ok:
-                    done += 1
-                    self._done += 1
-                else:
-                    self.failures[outcome.error or "error"] += 1
-        for task in pending:  # target met: candidates still in flight are not needed
-            task.cancel()
+                async with changed:
+                    state["in_flight"] -= 1
+                    if outcome.ok:
+                        state["done"] += 1
+                        self._done += 1
+                    else:
+                        self.failures[outcome.error or "error"] += 1
+                    changed.notify_all()
+
+        if target > 0:
+            await asyncio.gather(*(worker() for _ in range(min(target, self.config.concurrency, len(queue)))))
 
     async def _fetch(self, session: aiohttp.ClientSession, cand: Candidate) -> Outcome:
         host = (urlsplit(cand.url).hostname or "").lower()
@@ -326,8 +349,9 @@ class FetchEngine:
             final = cand.dest_dir / f"{cand.url_sha1}.{verified.ext}"
             tmp.replace(final)
             return final, verified, current, status
-        finally:
+        except BaseException:
             tmp.unlink(missing_ok=True)
+            raise
 
     async def _download(self, response: aiohttp.ClientResponse, cand: Candidate) -> tuple[Path, int]:
         """Stream a 200 body to a temporary file next to its final place, within max_bytes."""
@@ -341,7 +365,9 @@ class FetchEngine:
         length = response.headers.get("Content-Length")
         if length and length.isdigit() and int(length) > self.config.max_bytes:
             raise _Failure("too_large", status, f"Content-Length {length} > max_bytes {self.config.max_bytes}")
-        cand.dest_dir.mkdir(parents=True, exist_ok=True)
+        if cand.dest_dir not in self._made_dirs:
+            cand.dest_dir.mkdir(parents=True, exist_ok=True)
+            self._made_dirs.add(cand.dest_dir)
         tmp = cand.dest_dir / f".{cand.url_sha1}.{random.getrandbits(32):08x}.part"
         size = 0
         try:

@@ -1,0 +1,177 @@
+"""Fetch-engine benchmark: our engine vs gbif-dl 0.1.1, img2dataset and a bare aiohttp loop.
+
+Same URL list, same emulated publisher hosts (served from a separate process on 127.0.0.x), one
+run. Scenarios from issue 5:
+  a: 10,000 images of 30-80 KB, no delay
+  b: 5,000 images, 100 ms latency per request, 10% dead links, one host answering 429 + Retry-After
+  c: 30% of hosts dead or timing out
+
+    python benchmarks/bench_fetch.py --scenario a [--n 10000] [--tools ours,bare,gbif-dl,img2dataset]
+
+Peers run in benchmarks/.venv-peers (see benchmarks/README.md). Prints images/s and ratios and
+writes benchmarks/.work/fetch_<scenario>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import multiprocessing as mp
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = ROOT / "benchmarks" / ".work"
+PEER_PY = ROOT / "benchmarks" / ".venv-peers" / "bin" / "python"
+CONCURRENCY, PER_HOST = 64, 8
+
+
+def _serve(profiles: list[tuple[str, str, str, dict]], latency: float, queue: mp.Queue) -> None:
+    from gbif_assets.emulator.imagehosts import HostProfile, start_image_hosts
+
+    async def main() -> None:
+        hosts = await start_image_hosts([HostProfile(n, a, f, p) for n, a, f, p in profiles], latency_s=latency)
+        queue.put(hosts.base_urls)
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
+def scenario(name: str, n: int) -> tuple[list[tuple[str, str, str, dict]], float, dict[str, float]]:
+    """Host profiles, per-request latency, and the share of URLs per host."""
+    ok = [(f"ok{i}", f"127.0.1.{i + 1}", "ok", {}) for i in range(8)]
+    if name == "a":
+        return ok, 0.0, {h[0]: 1 / 8 for h in ok}
+    if name == "b":
+        hosts = [*ok[:7], ("rate429", "127.0.1.20", "rate429", {"every": 4, "retry_after": "1"}), ("dead", "127.0.1.21", "dead404", {})]
+        share = {h[0]: 0.8 / 7 for h in ok[:7]} | {"rate429": 0.1, "dead": 0.1}
+        return hosts, 0.1, share
+    if name == "c":
+        hosts = [*ok[:7], ("dead", "127.0.1.21", "dead404", {}), ("hang", "127.0.1.22", "hang", {"hang_s": 3600})]
+        share = {h[0]: 0.7 / 7 for h in ok[:7]} | {"dead": 0.1, "hang": 0.1, "refused": 0.1}
+        return hosts, 0.0, share
+    raise SystemExit(f"unknown scenario {name}")
+
+
+def url_list(base_urls: dict[str, str], share: dict[str, float], n: int) -> list[str]:
+    urls = []
+    for host, fraction in share.items():
+        base = base_urls.get(host, "http://127.0.1.23:9")  # "refused": nothing listens there
+        urls += [f"{base}/photos/{host}/{i}.jpg" for i in range(round(n * fraction))]
+    return urls
+
+
+def count_images(folder: Path) -> int:
+    return sum(1 for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+
+
+async def bare_loop(urls: list[str], out: Path) -> None:
+    """The practical ceiling: fetch and write, nothing else."""
+    out.mkdir(parents=True, exist_ok=True)
+    sem = asyncio.Semaphore(CONCURRENCY)
+    timeout = aiohttp.ClientTimeout(total=10)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=CONCURRENCY, limit_per_host=PER_HOST), timeout=timeout) as s:
+
+        async def one(url: str) -> None:
+            async with sem:
+                try:
+                    async with s.get(url) as r:
+                        if r.status == 200:
+                            body = await r.read()
+                            (out / (hashlib.sha1(url.encode()).hexdigest() + ".jpg")).write_bytes(body)
+                except (aiohttp.ClientError, TimeoutError):
+                    pass
+
+        await asyncio.gather(*(one(u) for u in urls))
+
+
+def ours(urls: list[str], out: Path) -> None:
+    from gbif_assets.fetch import Candidate, FetchConfig, FetchEngine
+
+    cands = [Candidate(u, hashlib.sha1(u.encode()).hexdigest(), str(i), "s", i, True, out) for i, u in enumerate(urls)]
+    config = FetchConfig(concurrency=CONCURRENCY, per_host=PER_HOST, timeout_s=5, retries=2, allow_private_hosts=True,
+                         gbif_image_cache_fallback=False, progress_every_s=3600)  # fmt: skip
+    asyncio.run(FetchEngine(config).run({"s": (cands, len(cands))}))
+
+
+def gbif_dl(urls: list[str], out: Path) -> None:
+    listing = WORK / "urls.txt"
+    listing.write_text("\n".join(urls))
+    code = (
+        "from gbif_dl.stores.dl_async import download\n"
+        f"download(items={str(listing)!r}, root={str(out)!r}, tcp_connections={CONCURRENCY}, nb_workers={CONCURRENCY}, "
+        "loglevel='CRITICAL', retries=1)\n"
+    )
+    subprocess.run([str(PEER_PY), "-c", code], check=False, timeout=3600, capture_output=True)
+
+
+def img2dataset(urls: list[str], out: Path) -> None:
+    listing = WORK / "urls.txt"
+    listing.write_text("\n".join(urls))
+    cmd = [
+        str(PEER_PY.parent / "img2dataset"), "--url_list", str(listing), "--input_format", "txt",
+        "--output_folder", str(out), "--output_format", "files", "--resize_mode", "no",
+        "--processes_count", "1", "--thread_count", str(CONCURRENCY), "--timeout", "5", "--retries", "1",
+        "--disable_all_reencoding", "True", "--enable_wandb", "False", "--distributor", "multiprocessing",
+        "--number_sample_per_shard", "100000",
+    ]  # fmt: skip
+    subprocess.run(cmd, check=False, timeout=3600, capture_output=True, env={"NO_ALBUMENTATIONS_UPDATE": "1", "PATH": "/usr/bin:/bin"})
+
+
+TOOLS = {"ours": ours, "bare": lambda u, o: asyncio.run(bare_loop(u, o)), "gbif-dl": gbif_dl, "img2dataset": img2dataset}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--scenario", default="a", choices=["a", "b", "c"])
+    parser.add_argument("--n", type=int)
+    parser.add_argument("--tools", default="ours,bare,gbif-dl,img2dataset")
+    args = parser.parse_args()
+    n = args.n or (10_000 if args.scenario == "a" else 5_000)
+    profiles, latency, share = scenario(args.scenario, n)
+    queue: mp.Queue = mp.Queue()
+    server = mp.Process(target=_serve, args=(profiles, latency, queue), daemon=True)
+    server.start()
+    base_urls = queue.get(timeout=60)
+    WORK.mkdir(parents=True, exist_ok=True)
+    urls = url_list(base_urls, share, n)
+    live = sum(1 for u in urls if "/photos/ok" in u or "/photos/rate429" in u)
+    ideal = live * latency / CONCURRENCY if latency else None
+    results = {}
+    try:
+        for tool in args.tools.split(","):
+            if tool != "ours" and tool != "bare" and not PEER_PY.exists():
+                print(f"{tool}: skipped, benchmarks/.venv-peers missing")
+                continue
+            out = WORK / f"out_{args.scenario}_{tool}"
+            shutil.rmtree(out, ignore_errors=True)
+            started = time.monotonic()
+            TOOLS[tool](urls, out)
+            seconds = time.monotonic() - started
+            images = count_images(out)
+            results[tool] = {"seconds": round(seconds, 2), "images": images, "images_per_s": round(images / seconds, 1), "live": live}
+            print(f"{tool:<12} {images:>6}/{live} live images in {seconds:7.2f} s = {images / seconds:8.1f} img/s", flush=True)
+    finally:
+        server.terminate()
+    peers = [t for t in results if t not in ("ours", "bare")]
+    if "ours" in results:
+        ours_rate = results["ours"]["images_per_s"]
+        if peers:
+            best = max(peers, key=lambda t: results[t]["images_per_s"])
+            print(f"ours / best peer ({best}) = {ours_rate / max(results[best]['images_per_s'], 1e-9):.2f}x")
+        if "bare" in results:
+            print(f"ours / bare loop = {ours_rate / max(results['bare']['images_per_s'], 1e-9):.2f}")
+        if ideal:
+            print(f"ours wall time / ideal ({ideal:.1f} s at {CONCURRENCY} connections x {latency} s) = {results['ours']['seconds'] / ideal:.2f}")
+    (WORK / f"fetch_{args.scenario}.json").write_text(json.dumps({"n": len(urls), "live": live, "ideal_s": ideal, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
