@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import itertools
 import json
 import multiprocessing as mp
 import shutil
@@ -50,22 +51,31 @@ def scenario(name: str, n: int) -> tuple[list[tuple[str, str, str, dict]], float
     if name == "a":
         return ok, 0.0, {h[0]: 1 / 8 for h in ok}
     if name == "b":
-        hosts = [*ok[:7], ("rate429", "127.0.1.20", "rate429", {"every": 4, "retry_after": "1"}), ("dead", "127.0.1.21", "dead404", {})]
+        hosts = [
+            *ok[:7],
+            ("rate429", "127.0.1.20", "rate429", {"rate": 40, "retry_after": "1"}),
+            ("dead", "127.0.1.21", "dead404", {}),
+        ]
         share = {h[0]: 0.8 / 7 for h in ok[:7]} | {"rate429": 0.1, "dead": 0.1}
         return hosts, 0.1, share
     if name == "c":
-        hosts = [*ok[:7], ("dead", "127.0.1.21", "dead404", {}), ("hang", "127.0.1.22", "hang", {"hang_s": 3600})]
+        hosts = [
+            *ok[:7],
+            ("dead", "127.0.1.21", "dead404", {}),
+            ("hang", "127.0.1.22", "hang", {"hang_s": 3600}),
+        ]
         share = {h[0]: 0.7 / 7 for h in ok[:7]} | {"dead": 0.1, "hang": 0.1, "refused": 0.1}
         return hosts, 0.0, share
     raise SystemExit(f"unknown scenario {name}")
 
 
 def url_list(base_urls: dict[str, str], share: dict[str, float], n: int) -> list[str]:
-    urls = []
+    """URLs interleaved across hosts, as a manifest's seeded ranks interleave them."""
+    per_host = []
     for host, fraction in share.items():
         base = base_urls.get(host, "http://127.0.1.23:9")  # "refused": nothing listens there
-        urls += [f"{base}/photos/{host}/{i}.jpg" for i in range(round(n * fraction))]
-    return urls
+        per_host.append([f"{base}/photos/{host}/{i}.jpg" for i in range(round(n * fraction))])
+    return [url for group in itertools.zip_longest(*per_host) for url in group if url]
 
 
 def count_images(folder: Path) -> int:
@@ -77,7 +87,9 @@ async def bare_loop(urls: list[str], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     sem = asyncio.Semaphore(CONCURRENCY)
     timeout = aiohttp.ClientTimeout(total=10)
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=CONCURRENCY, limit_per_host=PER_HOST), timeout=timeout) as s:
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=CONCURRENCY, limit_per_host=PER_HOST), timeout=timeout
+    ) as s:
 
         async def one(url: str) -> None:
             async with sem:
@@ -122,10 +134,21 @@ def img2dataset(urls: list[str], out: Path) -> None:
         "--disable_all_reencoding", "True", "--enable_wandb", "False", "--distributor", "multiprocessing",
         "--number_sample_per_shard", "100000",
     ]  # fmt: skip
-    subprocess.run(cmd, check=False, timeout=3600, capture_output=True, env={"NO_ALBUMENTATIONS_UPDATE": "1", "PATH": "/usr/bin:/bin"})
+    subprocess.run(
+        cmd,
+        check=False,
+        timeout=3600,
+        capture_output=True,
+        env={"NO_ALBUMENTATIONS_UPDATE": "1", "PATH": "/usr/bin:/bin"},
+    )
 
 
-TOOLS = {"ours": ours, "bare": lambda u, o: asyncio.run(bare_loop(u, o)), "gbif-dl": gbif_dl, "img2dataset": img2dataset}
+TOOLS = {
+    "ours": ours,
+    "bare": lambda u, o: asyncio.run(bare_loop(u, o)),
+    "gbif-dl": gbif_dl,
+    "img2dataset": img2dataset,
+}
 
 
 def main() -> None:
@@ -156,8 +179,16 @@ def main() -> None:
             TOOLS[tool](urls, out)
             seconds = time.monotonic() - started
             images = count_images(out)
-            results[tool] = {"seconds": round(seconds, 2), "images": images, "images_per_s": round(images / seconds, 1), "live": live}
-            print(f"{tool:<12} {images:>6}/{live} live images in {seconds:7.2f} s = {images / seconds:8.1f} img/s", flush=True)
+            results[tool] = {
+                "seconds": round(seconds, 2),
+                "images": images,
+                "images_per_s": round(images / seconds, 1),
+                "live": live,
+            }
+            print(
+                f"{tool:<12} {images:>6}/{live} live images in {seconds:7.2f} s = {images / seconds:8.1f} img/s",
+                flush=True,
+            )
     finally:
         server.terminate()
     peers = [t for t in results if t not in ("ours", "bare")]
@@ -169,8 +200,13 @@ def main() -> None:
         if "bare" in results:
             print(f"ours / bare loop = {ours_rate / max(results['bare']['images_per_s'], 1e-9):.2f}")
         if ideal:
-            print(f"ours wall time / ideal ({ideal:.1f} s at {CONCURRENCY} connections x {latency} s) = {results['ours']['seconds'] / ideal:.2f}")
-    (WORK / f"fetch_{args.scenario}.json").write_text(json.dumps({"n": len(urls), "live": live, "ideal_s": ideal, "results": results}, indent=2))
+            print(
+                f"ours wall time / ideal ({ideal:.1f} s at {CONCURRENCY} connections x {latency} s) = "
+                f"{results['ours']['seconds'] / ideal:.2f}"
+            )
+    (WORK / f"fetch_{args.scenario}.json").write_text(
+        json.dumps({"n": len(urls), "live": live, "ideal_s": ideal, "results": results}, indent=2)
+    )
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ def generate(folder: Path, occurrences: int, media: int) -> Path:
         "occurrenceID": "'urn:occ:' || i", "recordedBy": "'Observer ' || (i % 5000)", "issue": "'COORDINATE_ROUNDED'",
         "mediaType": "'StillImage'",
     }  # fmt: skip
-    cols = ", ".join(f"{values.get(t, chr(39) * 2)} AS \"{t}\"" for t in [*terms, *extra])
+    cols = ", ".join(f'{values.get(t, chr(39) * 2)} AS "{t}"' for t in [*terms, *extra])
     con = duckdb.connect()
     con.execute("SET threads = 2")
     con.execute(
@@ -72,15 +72,23 @@ def generate(folder: Path, occurrences: int, media: int) -> Path:
         "license": "CASE i % 4 WHEN 0 THEN 'http://creativecommons.org/licenses/by-nc/4.0/' WHEN 1 THEN 'http://creativecommons.org/licenses/by/4.0/' WHEN 2 THEN 'CC BY-NC 4.0' ELSE 'http://creativecommons.org/publicdomain/zero/1.0/' END",
         "rightsHolder": "'Observer ' || (i % 5000)", "created": "'2021-06-01T10:00:00Z'",
     }  # fmt: skip
-    mcols = ", ".join(f"{media_values.get(c, chr(39) * 2).replace('%OCC%', str(occurrences))} AS \"{c}\"" for c in MULTIMEDIA_CURRENT)
+    mcols = ", ".join(
+        f'{media_values.get(c, chr(39) * 2).replace("%OCC%", str(occurrences))} AS "{c}"' for c in MULTIMEDIA_CURRENT
+    )
     con.execute(
         f"COPY (SELECT {mcols} FROM range({media}) t(i) ORDER BY i % {occurrences}) TO '{folder / 'multimedia.txt'}' "
         "(DELIMITER '\t', HEADER, QUOTE '', ESCAPE '')"
     )
-    meta = _meta_xml([(ns, n) for ns, n in OCCURRENCE_TERMS] + [("http://rs.gbif.org/terms/1.0/", e) for e in extra], MULTIMEDIA_CURRENT)
+    meta = _meta_xml(
+        [(ns, n) for ns, n in OCCURRENCE_TERMS] + [("http://rs.gbif.org/terms/1.0/", e) for e in extra],
+        MULTIMEDIA_CURRENT,
+    )
     with zipfile.ZipFile(zpath.with_suffix(".tmp"), "w", zipfile.ZIP_DEFLATED, compresslevel=1) as z:
         z.writestr("meta.xml", meta)
-        z.writestr("metadata.xml", _eml("0000000-000000000000000", "10.15468/dl.synthetic", "synthetic benchmark download"))
+        z.writestr(
+            "metadata.xml",
+            _eml("0000000-000000000000000", "10.15468/dl.synthetic", "synthetic benchmark download"),
+        )
         z.write(folder / "occurrence.txt", "occurrence.txt")
         z.write(folder / "multimedia.txt", "multimedia.txt")
     zpath.with_suffix(".tmp").rename(zpath)
@@ -103,7 +111,11 @@ def run_ours(zpath: Path) -> dict:
     seconds = time.monotonic() - started
     rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     db.unlink(missing_ok=True)
-    return {**json.loads(out.stdout.strip().splitlines()[-1]), "seconds": round(seconds, 1), "peak_rss_mb": round(rss_mb)}
+    return {
+        **json.loads(out.stdout.strip().splitlines()[-1]),
+        "seconds": round(seconds, 1),
+        "peak_rss_mb": round(rss_mb),
+    }
 
 
 def run_dwca_reader(prefix: Path, rows: int) -> dict:
@@ -131,17 +143,33 @@ def main() -> None:
     started = time.monotonic()
     zpath = generate(WORK, args.occurrences, args.media)
     prefix = generate(WORK / "prefix", args.prefix, int(args.prefix * args.media / args.occurrences))
-    print(f"archive {zpath.name}: {zpath.stat().st_size / 1e6:.0f} MB (generated in {time.monotonic() - started:.0f} s)")
+    print(
+        f"archive {zpath.name}: {zpath.stat().st_size / 1e6:.0f} MB (generated in {time.monotonic() - started:.0f} s)"
+    )
     ours = run_ours(zpath)
     theirs = run_dwca_reader(prefix, args.prefix)
     ours_rate = (args.occurrences + args.media) / ours["seconds"]
     their_rate = (theirs["rows"] + theirs["media"]) / theirs["seconds"]
     scaled = theirs["seconds"] * args.occurrences / theirs["rows"]
-    print(f"ours:        {ours['rows']:,} media rows in {ours['seconds']} s, peak RSS {ours['peak_rss_mb']} MB, {ours_rate:,.0f} rows/s")
-    print(f"dwca-reader: {theirs['rows']:,} occurrences + {theirs['media']:,} media in {theirs['seconds']} s -> {their_rate:,.0f} rows/s, scaled to full size {scaled:,.0f} s")
+    print(
+        f"ours:        {ours['rows']:,} media rows in {ours['seconds']} s, peak RSS {ours['peak_rss_mb']} MB, {ours_rate:,.0f} rows/s"
+    )
+    print(
+        f"dwca-reader: {theirs['rows']:,} occurrences + {theirs['media']:,} media in {theirs['seconds']} s -> {their_rate:,.0f} rows/s, scaled to full size {scaled:,.0f} s"
+    )
     print(f"speed-up per row: {ours_rate / their_rate:.0f}x")
     WORK.mkdir(parents=True, exist_ok=True)
-    (WORK / "ingest.json").write_text(json.dumps({"ours": ours, "dwca_reader": theirs, "speedup": ours_rate / their_rate, "scaled_dwca_reader_s": scaled}, indent=2))
+    (WORK / "ingest.json").write_text(
+        json.dumps(
+            {
+                "ours": ours,
+                "dwca_reader": theirs,
+                "speedup": ours_rate / their_rate,
+                "scaled_dwca_reader_s": scaled,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

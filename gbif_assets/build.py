@@ -61,9 +61,7 @@ def _instance(settings: Settings) -> dg.DagsterInstance:
     return dg.DagsterInstance.local_temp(tempdir=str(root), overrides={"telemetry": {"enabled": False}})
 
 
-def _resolve_selection(
-    select: str | None, defs: dg.Definitions, recipe: Recipe
-) -> set[dg.AssetKey]:
+def _resolve_selection(select: str | None, defs: dg.Definitions, recipe: Recipe) -> set[dg.AssetKey]:
     graph = defs.resolve_asset_graph()
     everything = {k for k in graph.get_all_asset_keys() if k.path[0] == recipe.name}
     if not select:
@@ -72,9 +70,7 @@ def _resolve_selection(
     if any(token in text for token in (":", " ", "(")):
         selection = dg.AssetSelection.from_string(text)
     else:
-        selection = dg.AssetSelection.from_coercible(
-            [part.strip() for part in text.split(",") if part.strip()]
-        )
+        selection = dg.AssetSelection.from_coercible([part.strip() for part in text.split(",") if part.strip()])
     try:
         keys = selection.resolve(graph)
     except Exception as exc:  # Dagster raises several types for unknown keys
@@ -116,17 +112,13 @@ class _Runner:
     def _on_progress(self, stage: str, figures: dict) -> None:
         task = self._tasks.get(stage)
         if task is None:
-            task = self.progress.add_task(
-                f"images {stage}", total=figures.get("target") or None, info=""
-            )
+            task = self.progress.add_task(f"images {stage}", total=figures.get("target") or None, info="")
             self._tasks[stage] = task
         info = f"{figures.get('rate', 0):.1f} img/s"
         failed = figures.get("failures") or {}
         if failed:
             info += "  failed " + ", ".join(f"{k}={v}" for k, v in sorted(failed.items()))
-        self.progress.update(
-            task, completed=figures.get("done", 0), total=figures.get("target") or None, info=info
-        )
+        self.progress.update(task, completed=figures.get("done", 0), total=figures.get("target") or None, info=info)
 
     def _run_config(self) -> dict:
         level = "INFO" if self.options.verbose else "CRITICAL"
@@ -150,9 +142,7 @@ class _Runner:
         for event in result.get_step_failure_events():
             error = event.event_specific_data.error
             message = error.message.strip() if error else "unknown error"
-            self.failures.append(
-                f"{event.step_key}{f' [{partition}]' if partition else ''}: {message}"
-            )
+            self.failures.append(f"{event.step_key}{f' [{partition}]' if partition else ''}: {message}")
             self.console.print(f"[red]FAILED[/red] {event.step_key}: {message}")
         for evaluation in result.get_asset_check_evaluations():
             if evaluation.passed:
@@ -185,9 +175,7 @@ class _Runner:
                 self.failures.append(f"GBIF download {key} ended {state}{hint}")
                 return False
             if time.monotonic() > deadline:
-                self.failures.append(
-                    f"GBIF download {key} still {state} after {self.options.wait_timeout_s:.0f} s"
-                )
+                self.failures.append(f"GBIF download {key} still {state} after {self.options.wait_timeout_s:.0f} s")
                 return False
             time.sleep(self.options.poll_seconds)
 
@@ -253,9 +241,7 @@ def dataset_paths(home: Path) -> dict[str, Path]:
     }
 
 
-def summarize(
-    console: Console, recipe: Recipe, home: Path, failures: list[str], warnings: list[str]
-) -> None:
+def summarize(console: Console, recipe: Recipe, home: Path, failures: list[str], warnings: list[str]) -> None:
     """Images per split and label, failures by reason, and where the files are."""
     counts = steps.image_counts(home)
     if counts:
@@ -271,9 +257,7 @@ def summarize(
         console.print(table)
     reasons = steps.failure_counts(home)
     if reasons:
-        console.print(
-            "failed fetch attempts by reason: " + ", ".join(f"{k}={v}" for k, v in reasons.items())
-        )
+        console.print("failed fetch attempts by reason: " + ", ".join(f"{k}={v}" for k, v in reasons.items()))
     for what, path in dataset_paths(home).items():
         if path.exists():
             console.print(f"  {what:<10} {path}")

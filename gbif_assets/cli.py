@@ -37,10 +37,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         print(json.dumps(recipe.predicate(), indent=2))
     elif recipe.source.mode == "search":
         predicate = recipe.predicate()
-        print(
-            "GBIF occurrence search parameters: "
-            + "&".join(f"{k}={v}" for k, v in recipe.search_params())
-        )
+        print("GBIF occurrence search parameters: " + "&".join(f"{k}={v}" for k, v in recipe.search_params()))
         print("Equivalent download predicate:")
         print(json.dumps(predicate, indent=2))
     else:
@@ -82,9 +79,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         os.environ["GBIF_API_URL"] = emulator.api_url
         os.environ["GBIF_ASSETS_HOME"] = str(home)
         os.environ["GBIF_ASSETS_ALLOW_PRIVATE_HOSTS"] = "1"
-        print(
-            f"GBIF emulator at {emulator.api_url}; building {recipe.name} into {home / recipe.name}"
-        )
+        print(f"GBIF emulator at {emulator.api_url}; building {recipe.name} into {home / recipe.name}")
         started = time.monotonic()
         code = run_build(recipe, BuildOptions(verbose=args.verbose))
         print(f"demo finished in {time.monotonic() - started:.1f} s")
@@ -110,18 +105,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--partition", action="append", help="only this label (repeatable)")
     p.add_argument("--home", help="dataset root (default $GBIF_ASSETS_HOME or ./data)")
-    p.add_argument(
-        "--poll-seconds", type=float, default=float(os.environ.get("GBIF_ASSETS_POLL_SECONDS", 30))
-    )
-    p.add_argument(
-        "--wait-timeout", type=float, default=6 * 3600, help="max seconds to wait for GBIF"
-    )
+    p.add_argument("--poll-seconds", type=float, default=float(os.environ.get("GBIF_ASSETS_POLL_SECONDS", 30)))
+    p.add_argument("--wait-timeout", type=float, default=6 * 3600, help="max seconds to wait for GBIF")
     p.add_argument("-v", "--verbose", action="store_true", help="show Dagster's event log")
     p.set_defaults(func=_cmd_build)
 
-    p = sub.add_parser(
-        "emulator", help="run the offline GBIF emulator (API, archives, image hosts)"
-    )
+    p = sub.add_parser("emulator", help="run the offline GBIF emulator (API, archives, image hosts)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
     p.set_defaults(func=_cmd_emulator)

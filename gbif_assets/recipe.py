@@ -23,9 +23,7 @@ from pydantic import (
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 FIELD_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
-HOST_RE = re.compile(
-    r"^(?=.{1,253}$)[a-z0-9*]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*$"
-)
+HOST_RE = re.compile(r"^(?=.{1,253}$)[a-z0-9*]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*$")
 DOWNLOAD_KEY_RE = re.compile(r"^\d{7}-\d{15}$")
 DOI_RE = re.compile(r"^(https?://(dx\.)?doi\.org/|doi:)?(10\.\d{4,9}/\S+)$", re.IGNORECASE)
 
@@ -110,15 +108,11 @@ class Source(_Model):
             raise ValueError(f"source.key is only for mode 'existing', not {self.mode!r}")
         if self.mode == "search":
             if not self.query:
-                raise ValueError(
-                    "mode 'search' needs source.query (search cannot take a predicate)"
-                )
+                raise ValueError("mode 'search' needs source.query (search cannot take a predicate)")
             if self.predicate:
                 raise ValueError("mode 'search' takes source.query, not source.predicate")
         if self.mode == "download" and bool(self.query) == bool(self.predicate):
-            raise ValueError(
-                "mode 'download' needs exactly one of source.query or source.predicate"
-            )
+            raise ValueError("mode 'download' needs exactly one of source.query or source.predicate")
         return self
 
 
@@ -135,9 +129,7 @@ class PublisherFilter(AllowDeny):
             try:
                 uuid.UUID(str(value))
             except ValueError:
-                raise ValueError(
-                    f"{value!r} is not a datasetKey or publishingOrgKey (a UUID)"
-                ) from None
+                raise ValueError(f"{value!r} is not a datasetKey or publishingOrgKey (a UUID)") from None
         return [str(v).lower() for v in values]
 
 
@@ -149,9 +141,7 @@ class HostFilter(AllowDeny):
         for value in values:
             host = str(value).strip().lower()
             if not HOST_RE.match(host):
-                raise ValueError(
-                    f"{value!r} is not a host name (like inaturalist-open-data.s3.amazonaws.com)"
-                )
+                raise ValueError(f"{value!r} is not a host name (like inaturalist-open-data.s3.amazonaws.com)")
             out.append(host)
         return out
 
@@ -174,9 +164,7 @@ class Filters(_Model):
             raise ValueError("give at least one licence; allowed: " + ", ".join(LICENSE_IDS))
         for value in values:
             if value not in LICENSE_IDS:
-                raise ValueError(
-                    f"{value!r} is not a licence id; allowed: " + ", ".join(LICENSE_IDS)
-                )
+                raise ValueError(f"{value!r} is not a licence id; allowed: " + ", ".join(LICENSE_IDS))
         return values
 
     @field_validator("formats")
@@ -210,9 +198,7 @@ class Balance(_Model):
     @classmethod
     def _nb_samples(cls, value: int | None) -> int | None:
         if value is not None and value != -1 and value <= 0:
-            raise ValueError(
-                f"must be -1 (largest balanced set) or a positive integer, got {value}"
-            )
+            raise ValueError(f"must be -1 (largest balanced set) or a positive integer, got {value}")
         return value
 
     @field_validator("nb_samples_per_stream")
@@ -262,10 +248,7 @@ _CRON_NAMES = (
 
 
 def _cron_field_ok(text: str, lo: int, hi: int, names: str | None) -> bool:
-    lookup = {
-        n: i + (1 if names and names.startswith("jan") else 0)
-        for i, n in enumerate((names or "").split())
-    }
+    lookup = {n: i + (1 if names and names.startswith("jan") else 0) for i, n in enumerate((names or "").split())}
     for part in text.split(","):
         base, _, step = part.partition("/")
         if step and not (step.isdigit() and int(step) > 0):
@@ -286,14 +269,10 @@ def validate_cron(expr: str) -> str:
     """Check a 5-field cron expression so a typo fails at load, not when the schedule ticks."""
     fields = expr.split()
     if len(fields) != 5:
-        raise ValueError(
-            f"{expr!r} must have 5 fields (minute hour day-of-month month day-of-week)"
-        )
+        raise ValueError(f"{expr!r} must have 5 fields (minute hour day-of-month month day-of-week)")
     for text, (lo, hi), names in zip(fields, _CRON_RANGES, _CRON_NAMES, strict=True):
         if not _cron_field_ok(text, lo, hi, names):
-            raise ValueError(
-                f"{expr!r}: field {text!r} is not valid cron (allowed {lo}-{hi}, *, ranges, steps)"
-            )
+            raise ValueError(f"{expr!r}: field {text!r} is not valid cron (allowed {lo}-{hi}, *, ranges, steps)")
     return expr
 
 
@@ -315,9 +294,7 @@ class Recipe(_Model):
     @classmethod
     def _name(cls, value: str) -> str:
         if not NAME_RE.match(value):
-            raise ValueError(
-                f"{value!r} must match [a-z][a-z0-9_]* (lower case, digits, underscores)"
-            )
+            raise ValueError(f"{value!r} must match [a-z][a-z0-9_]* (lower case, digits, underscores)")
         return value
 
     @field_validator("label")
@@ -358,10 +335,7 @@ class Recipe(_Model):
 
 
 def _format_loc(loc: tuple[Any, ...]) -> str:
-    return (
-        ".".join(str(part) for part in loc if not str(part).startswith("function-"))
-        or "(top level)"
-    )
+    return ".".join(str(part) for part in loc if not str(part).startswith("function-")) or "(top level)"
 
 
 def parse_recipe(data: Any, origin: str) -> Recipe:

@@ -101,11 +101,7 @@ def request_download(recipe: Recipe, settings: Settings, home: Path) -> Download
 
     key = asyncio.run(go())
     previous = read_state(home, REQUEST_STATE)
-    note = (
-        "same key as the previous request"
-        if previous and previous.get("key") == key
-        else "new request"
-    )
+    note = "same key as the previous request" if previous and previous.get("key") == key else "new request"
     write_json_atomic(
         home / STATE_DIR / REQUEST_STATE,
         {"key": key, "predicate": predicate, "requested_at": dt.datetime.now(dt.UTC).isoformat()},
@@ -303,7 +299,9 @@ def build_media_manifest(recipe: Recipe, home: Path):
     finally:
         con.close()
     if result.per_label:
-        result.class_distribution = class_distribution_plot(result.per_label, home / "reports" / "class_distribution.png")
+        result.class_distribution = class_distribution_plot(
+            result.per_label, home / "reports" / "class_distribution.png"
+        )
     return result
 
 
@@ -446,7 +444,8 @@ def citation(recipe: Recipe, settings: Settings, home: Path):
         home,
         title=f"{recipe.name}: image training set from GBIF occurrence media",
         source_url=f"https://www.gbif.org/occurrence/search?{params}",
-        description=recipe.description or f"Images of {recipe.name} selected by gbif-assets from a GBIF occurrence search.",
+        description=recipe.description
+        or f"Images of {recipe.name} selected by gbif-assets from a GBIF occurrence search.",
     )
     answer = None
     if settings.username and settings.password and body["relatedDatasets"]:
@@ -454,7 +453,10 @@ def citation(recipe: Recipe, settings: Settings, home: Path):
         async def register() -> dict[str, Any]:
             async with _client(settings) as client:
                 return await client.create_derived_dataset(
-                    body["title"], body["sourceUrl"], body["relatedDatasets"], description=body.get("description")
+                    body["title"],
+                    body["sourceUrl"],
+                    body["relatedDatasets"],
+                    description=body.get("description"),
                 )
 
         answer = asyncio.run(register())

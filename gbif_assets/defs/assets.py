@@ -5,7 +5,6 @@ into Dagster metadata. Assets hand data to each other through files in the datas
 single asset can be re-run alone (`--select`) on what its upstream left on disk.
 """
 
-
 import dagster as dg
 
 from gbif_assets import steps
@@ -52,9 +51,7 @@ def build_dataset_assets(recipe: Recipe) -> list[dg.AssetsDefinition]:
                     "download_key": result.key,
                     "predicate": dg.MetadataValue.json(result.predicate),
                     "note": result.note,
-                    "status_url": dg.MetadataValue.url(
-                        f"{settings.api_url}/occurrence/download/{result.key}"
-                    ),
+                    "status_url": dg.MetadataValue.url(f"{settings.api_url}/occurrence/download/{result.key}"),
                 }
             )
 
@@ -121,9 +118,7 @@ def build_dataset_assets(recipe: Recipe) -> list[dg.AssetsDefinition]:
         description="Eligible candidates with stream, seeded rank, selected flag and split; "
         "registers one partition of `images` per label.",
     )
-    def media_manifest(
-        context: dg.AssetExecutionContext, storage: StorageResource
-    ) -> dg.MaterializeResult:
+    def media_manifest(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
         home = storage.dataset_home(name)
         result = steps.build_media_manifest(recipe, home)
         existing = context.instance.get_dynamic_partitions(partitions.name)
@@ -133,12 +128,9 @@ def build_dataset_assets(recipe: Recipe) -> list[dg.AssetsDefinition]:
             context.instance.add_dynamic_partitions(partitions.name, added)
         if vanished:
             context.log.warning(
-                f"{len(vanished)} label(s) no longer in the manifest (partitions kept): "
-                + ", ".join(vanished[:20])
+                f"{len(vanished)} label(s) no longer in the manifest (partitions kept): " + ", ".join(vanished[:20])
             )
-        context.log.info(
-            f"manifest: {result.rows:,} candidates, {len(result.labels)} labels, {len(added)} new"
-        )
+        context.log.info(f"manifest: {result.rows:,} candidates, {len(result.labels)} labels, {len(added)} new")
         metadata = to_metadata(result, home)
         metadata["partitions_added"] = dg.MetadataValue.json(added)
         metadata["labels_vanished"] = dg.MetadataValue.json(vanished)
@@ -185,9 +177,7 @@ def build_dataset_assets(recipe: Recipe) -> list[dg.AssetsDefinition]:
         automation_condition=dg.AutomationCondition.eager(),
         description="All partitions merged: one row per kept image, content-hash de-duplicated.",
     )
-    def image_metadata(
-        context: dg.AssetExecutionContext, storage: StorageResource
-    ) -> dg.MaterializeResult:
+    def image_metadata(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
         home = storage.dataset_home(name)
         result = steps.merge_metadata(recipe, home)
         context.log.info(f"{result.rows:,} images in metadata/images.parquet")

@@ -3,7 +3,6 @@
 Blocking checks stop downstream assets, so a leaking split never reaches the reports.
 """
 
-
 import dagster as dg
 
 from gbif_assets import steps

@@ -1,6 +1,5 @@
 """The one `Definitions` object: every recipe in `$GBIF_ASSETS_DATASETS` becomes an asset group."""
 
-
 import os
 from pathlib import Path
 
@@ -19,9 +18,7 @@ def images_job_name(recipe: Recipe) -> str:
     return f"{recipe.name}_images_job"
 
 
-def build_definitions(
-    recipes: list[Recipe], progress: ProgressSink | None = None
-) -> dg.Definitions:
+def build_definitions(recipes: list[Recipe], progress: ProgressSink | None = None) -> dg.Definitions:
     """Assets, checks, jobs, schedules and the status sensor for the given recipes."""
     assets, checks, jobs, schedules = [], [], [], []
     for recipe in recipes:

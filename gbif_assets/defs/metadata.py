@@ -34,9 +34,7 @@ def table_from_rows(rows: list[dict[str, Any]]) -> dg.TableMetadataValue:
     """A list of uniform dicts as a Dagster table (first rows only, so the UI stays fast)."""
     rows = rows[:_MAX_TABLE_ROWS]
     columns = list(rows[0]) if rows else []
-    schema = dg.TableSchema(
-        columns=[dg.TableColumn(c, _column_type([r.get(c) for r in rows])) for c in columns]
-    )
+    schema = dg.TableSchema(columns=[dg.TableColumn(c, _column_type([r.get(c) for r in rows])) for c in columns])
     records = [dg.TableRecord({c: _scalar(r.get(c)) for c in columns}) for r in rows]
     return dg.MetadataValue.table(records=records, schema=schema)
 
@@ -51,9 +49,7 @@ def image_md(path: Path, title: str) -> dg.MarkdownMetadataValue:
     """Inline a PNG in the asset's metadata so the picture shows in the UI without a file server."""
     data = path.read_bytes()
     if len(data) > _MAX_INLINE_PNG:
-        return dg.MetadataValue.md(
-            f"**{title}**: `{path}` ({len(data):,} bytes, too large to inline)"
-        )
+        return dg.MetadataValue.md(f"**{title}**: `{path}` ({len(data):,} bytes, too large to inline)")
     encoded = base64.b64encode(data).decode("ascii")
     return dg.MetadataValue.md(f"**{title}**\n\n![{title}](data:image/png;base64,{encoded})")
 

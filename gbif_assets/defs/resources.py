@@ -3,7 +3,6 @@
 Secrets come in through `dg.EnvVar`, so the UI shows the variable name and never its value.
 """
 
-
 import os
 from collections.abc import Callable
 from pathlib import Path

@@ -1,6 +1,5 @@
 """Monthly (or any `refresh_cron`) refresh of each dataset."""
 
-
 import dagster as dg
 
 from gbif_assets.recipe import Recipe
@@ -17,9 +16,7 @@ def build_refresh_schedule(recipe: Recipe) -> dg.ScheduleDefinition | None:
     first = "download_request" if recipe.source.mode == "download" else "occurrences"
     selection = dg.AssetSelection.assets(dg.AssetKey([recipe.name, first]))
     if recipe.source.mode == "search":
-        selection = selection | dg.AssetSelection.assets(
-            dg.AssetKey([recipe.name, "media_manifest"])
-        )
+        selection = selection | dg.AssetSelection.assets(dg.AssetKey([recipe.name, "media_manifest"]))
     return dg.ScheduleDefinition(
         name=f"{recipe.name}_refresh",
         cron_schedule=recipe.refresh_cron,

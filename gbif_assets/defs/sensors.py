@@ -4,7 +4,6 @@ One sensor serves all datasets; its JSON cursor keeps one entry per dataset (key
 whether it is settled), so datasets never block each other and a restart resumes exactly.
 """
 
-
 import json
 
 import dagster as dg
@@ -83,16 +82,13 @@ def build_download_sensor(recipes: list[Recipe]) -> dg.SensorDefinition | None:
                     dg.RunRequest(
                         run_key=f"{name}:{key}",
                         asset_selection=[
-                            dg.AssetKey([name, a])
-                            for a in ("occurrence_archive", "occurrences", "media_manifest")
+                            dg.AssetKey([name, a]) for a in ("occurrence_archive", "occurrences", "media_manifest")
                         ],
                         tags={"gbif/download_key": key},
                     )
                 )
             elif state == "FILE_ERASED":
-                context.log.warning(
-                    f"{name}: download {key} was erased by GBIF; requesting a new one"
-                )
+                context.log.warning(f"{name}: download {key} was erased by GBIF; requesting a new one")
                 run_requests.append(
                     dg.RunRequest(
                         run_key=f"{name}:{key}:rerequest",

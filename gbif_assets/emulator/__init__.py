@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import tempfile
 import threading
 from collections.abc import Coroutine
@@ -16,7 +17,12 @@ from typing import Any
 from aiohttp import web
 
 from gbif_assets.emulator.app import EmulatorConfig, GbifEmulator, make_app
-from gbif_assets.emulator.imagehosts import HostProfile, ImageHosts, default_profiles, start_image_hosts
+from gbif_assets.emulator.imagehosts import (
+    HostProfile,
+    ImageHosts,
+    default_profiles,
+    start_image_hosts,
+)
 from gbif_assets.emulator.pool import (
     OccurrencePool,
     load_archive_records,
@@ -35,7 +41,11 @@ __all__ = ["Emulator", "EmulatorConfig", "HostProfile", "run_emulator"]
 
 def build_pool(base_urls: dict[str, str], weights: dict[str, int], per_stream: int, seed: int) -> OccurrencePool:
     """Real recorded records, the 2014 archive's records and the README example's records."""
-    records = [*load_recorded_records(), *load_archive_records(), *synthetic_example_records(per_stream, seed)]
+    records = [
+        *load_recorded_records(),
+        *load_archive_records(),
+        *synthetic_example_records(per_stream, seed),
+    ]
     rewrite_media(records, base_urls, weights)
     return OccurrencePool(records)
 
@@ -128,7 +138,5 @@ def run_emulator(host: str = "127.0.0.1", port: int = 8080) -> None:
         for name, url in emu.image_hosts.base_urls.items():
             print(f"  image host {name:<10} {url}  ({emu.image_hosts.profiles[name].fault})")
         print("Image URLs resolve to loopback: set GBIF_ASSETS_ALLOW_PRIVATE_HOSTS=1. Ctrl-C stops.")
-        try:
+        with contextlib.suppress(KeyboardInterrupt):
             threading.Event().wait()
-        except KeyboardInterrupt:
-            pass

@@ -26,7 +26,15 @@ from gbif_assets.emulator.pool import OccurrencePool, facet_counts
 JSON = "application/json"
 MAX_LIMIT = 300
 MAX_OFFSET_WINDOW = 100_000
-RESERVED = {"limit", "offset", "facet", "facetLimit", "facetOffset", "facetMincount", "facetMultiselect"}
+RESERVED = {
+    "limit",
+    "offset",
+    "facet",
+    "facetLimit",
+    "facetOffset",
+    "facetMincount",
+    "facetMultiselect",
+}
 ACCEPTED_REQUEST_KEYS = {
     "creator", "notificationAddresses", "notification_address", "sendNotification", "format",
     "predicate", "type", "verbatimExtensions", "description", "machineDescription", "checklistKey",
@@ -115,7 +123,16 @@ class GbifEmulator:
 
     def set_status(self, key: str, status: str) -> None:
         """Force a download into any GBIF state (tests, admin endpoint)."""
-        if status not in {"PREPARING", "RUNNING", "SUCCEEDED", "CANCELLED", "KILLED", "FAILED", "SUSPENDED", "FILE_ERASED"}:
+        if status not in {
+            "PREPARING",
+            "RUNNING",
+            "SUCCEEDED",
+            "CANCELLED",
+            "KILLED",
+            "FAILED",
+            "SUSPENDED",
+            "FILE_ERASED",
+        }:
             raise ValueError(f"unknown status {status}")
         self.downloads[key].forced = status
 
@@ -214,9 +231,7 @@ async def search(request: web.Request) -> web.Response:
     if limit < 0 or offset < 0:
         return json_response({"message": "limit and offset must not be negative"}, status=400)
     if offset + limit > MAX_OFFSET_WINDOW:
-        return text_response(
-            f"Max offset of {MAX_OFFSET_WINDOW} exceeded: {offset} + {limit}", 400
-        )
+        return text_response(f"Max offset of {MAX_OFFSET_WINDOW} exceeded: {offset} + {limit}", 400)
     limit = min(limit, MAX_LIMIT)
     filters: dict[str, list[str]] = {}
     for name, value in request.query.items():
@@ -302,13 +317,9 @@ async def request_download(request: web.Request) -> web.Response:
             same = json.dumps(existing.predicate, sort_keys=True) == canonical and existing.fmt == fmt
             if existing.user == user and same and fresh and usable:
                 return text_response(existing.key, 201, JSON)
-        running = sum(
-            1 for d in state.downloads.values() if d.user == user and state.status_of(d) in RUNNING_STATES
-        )
+        running = sum(1 for d in state.downloads.values() if d.user == user and state.status_of(d) in RUNNING_STATES)
         if running >= state.config.max_running_per_user:
-            return text_response(
-                f"Too many simultaneous downloads: user {user} already has {running} running", 420
-            )
+            return text_response(f"Too many simultaneous downloads: user {user} already has {running} running", 420)
         key = state._new_key()
         doi = "10.15468/dl." + hashlib.sha1(key.encode()).hexdigest()[:6]
         download = Download(key=key, user=user, predicate=predicate, fmt=fmt, created=time.time(), doi=doi)
@@ -371,7 +382,11 @@ async def serve_file(request: web.Request) -> web.StreamResponse:
             return web.Response(status=416, headers={"Content-Range": f"bytes */{len(data)}"})
         status = 206
     body = data[start : end + 1]
-    headers = {"Content-Type": "application/octet-stream", "Content-Length": str(len(body)), "Accept-Ranges": "bytes"}
+    headers = {
+        "Content-Type": "application/octet-stream",
+        "Content-Length": str(len(body)),
+        "Accept-Ranges": "bytes",
+    }
     if status == 206:
         headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
     response = web.StreamResponse(status=status, headers=headers)
@@ -409,11 +424,22 @@ async def download_datasets(request: web.Request) -> web.Response:
     offset = int(request.query.get("offset", "0"))
     items = sorted(download.datasets.items(), key=lambda kv: -kv[1])
     results = [
-        {"downloadKey": download.key, "datasetKey": k, "numberRecords": n, "publishingCountryCode": "ZZ"}
+        {
+            "downloadKey": download.key,
+            "datasetKey": k,
+            "numberRecords": n,
+            "publishingCountryCode": "ZZ",
+        }
         for k, n in items[offset : offset + limit]
     ]
     return json_response(
-        {"offset": offset, "limit": limit, "endOfRecords": offset + limit >= len(items), "count": len(items), "results": results}
+        {
+            "offset": offset,
+            "limit": limit,
+            "endOfRecords": offset + limit >= len(items),
+            "count": len(items),
+            "results": results,
+        }
     )
 
 
@@ -496,4 +522,3 @@ def make_app(state: GbifEmulator) -> web.Application:
     app.router.add_post("/_emulator/downloads/{key}/status", admin_status)
     app.router.add_post("/_emulator/pool", admin_pool)
     return app
-

@@ -264,4 +264,3 @@ def build_archive(
             )
     tmp.replace(path)
     return len(records)
-

@@ -16,7 +16,6 @@ import random
 import socket
 import struct
 import time
-import zlib
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from typing import Any
@@ -167,9 +166,20 @@ class _Host:
         self.stats = stats
         self.latency_s = latency_s
         self.counter = 0
+        self.window, self.in_window = 0, 0
 
     def _count(self, status: int) -> None:
         self.stats.by_status[status] = self.stats.by_status.get(status, 0) + 1
+
+    def _throttled(self, params: dict[str, Any]) -> bool:
+        """`every`: only every Nth request passes; `rate`: at most N requests per second."""
+        if "rate" not in params:
+            return self.counter % int(params.get("every", 2)) != 0
+        second = int(time.monotonic())
+        if second != self.window:
+            self.window, self.in_window = second, 0
+        self.in_window += 1
+        return self.in_window > int(params["rate"])
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         self.stats.requests += 1
@@ -189,7 +199,7 @@ class _Host:
             status = int(fault[-3:])
             self._count(status)
             return web.Response(status=status, text=f"{status} error", content_type="text/html")
-        elif fault == "rate429" and self.counter % int(params.get("every", 2)) != 0:
+        elif fault == "rate429" and self._throttled(params):
             retry_after = str(params.get("retry_after", "1"))
             if retry_after == "http-date":
                 retry_after = formatdate(time.time() + 2, usegmt=True)
@@ -280,9 +290,7 @@ class ImageHosts:
         self._runners.clear()
 
 
-async def start_image_hosts(
-    profiles: list[HostProfile], port: int = 0, latency_s: float = 0.0
-) -> ImageHosts:
+async def start_image_hosts(profiles: list[HostProfile], port: int = 0, latency_s: float = 0.0) -> ImageHosts:
     """Start one aiohttp server per profile on its loopback address (ephemeral port by default)."""
     hosts = ImageHosts()
     bomb_jpeg()  # warm the caches now, not in the first request's handler

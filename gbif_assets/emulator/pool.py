@@ -31,13 +31,37 @@ ARCHIVE_2014 = "dwca-0000066-140928181241064.zip"
 
 # the gbif-dl README example: 3 species x 2 datasets
 EXAMPLE_SPECIES = {
-    5352251: ("Ailanthus altissima (Mill.) Swingle", "Ailanthus altissima", 3190638, "Simaroubaceae", 6679),
-    3190653: ("Fallopia japonica (Houtt.) Ronse Decr.", "Fallopia japonica", 3190636, "Polygonaceae", 2416),
-    3189866: ("Heracleum mantegazzianum Sommier & Levier", "Heracleum mantegazzianum", 3034825, "Apiaceae", 6720),
+    5352251: (
+        "Ailanthus altissima (Mill.) Swingle",
+        "Ailanthus altissima",
+        3190638,
+        "Simaroubaceae",
+        6679,
+    ),
+    3190653: (
+        "Fallopia japonica (Houtt.) Ronse Decr.",
+        "Fallopia japonica",
+        3190636,
+        "Polygonaceae",
+        2416,
+    ),
+    3189866: (
+        "Heracleum mantegazzianum Sommier & Levier",
+        "Heracleum mantegazzianum",
+        3034825,
+        "Apiaceae",
+        6720,
+    ),
 }
 EXAMPLE_DATASETS = {
-    "7a3679ef-5582-4aaa-81f0-8c2545cafc81": ("bb646dff-a905-4403-a49b-6d378c2cf0d9", "Pl@ntNet observations"),
-    "50c9509d-22c7-4a22-a47d-8c48425ef4a7": ("28eb1a3f-1c15-4a95-931a-4af90ecb574d", "iNaturalist Research-grade Observations"),
+    "7a3679ef-5582-4aaa-81f0-8c2545cafc81": (
+        "bb646dff-a905-4403-a49b-6d378c2cf0d9",
+        "Pl@ntNet observations",
+    ),
+    "50c9509d-22c7-4a22-a47d-8c48425ef4a7": (
+        "28eb1a3f-1c15-4a95-931a-4af90ecb574d",
+        "iNaturalist Research-grade Observations",
+    ),
 }
 # real media licence strings seen in the recordings, with rough real frequencies
 MEDIA_LICENSES = (
@@ -118,7 +142,7 @@ def synthetic_example_records(per_stream: int, seed: int = 0, start_key: int = 9
     key = start_key
     for species_key, (sci, species, genus_key, family, family_key) in EXAMPLE_SPECIES.items():
         for dataset_key, (org_key, dataset_name) in EXAMPLE_DATASETS.items():
-            for i in range(per_stream):
+            for _ in range(per_stream):
                 key += 1
                 year = 2015 + rng.randrange(10)
                 record = {
@@ -265,7 +289,10 @@ class OccurrencePool:
         record = self.get(gbif_id)
         for item in (record or {}).get("media", []):
             identifier = item.get("identifier")
-            if identifier and md5 in (md5_hex(identifier), md5_hex(item.get("original_identifier", ""))):
+            if identifier and md5 in (
+                md5_hex(identifier),
+                md5_hex(item.get("original_identifier", "")),
+            ):
                 return identifier
         return None
 

@@ -13,24 +13,32 @@ import asyncio
 import collections
 import datetime as dt
 import hashlib
+import itertools
 import logging
 import random
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 
-from gbif_assets.fetch.safety import ALLOWED_SCHEMES, BlockedAddress, GuardedResolver, host_literal_allowed, sniff
+from gbif_assets.fetch.safety import (
+    ALLOWED_SCHEMES,
+    BlockedAddress,
+    GuardedResolver,
+    host_literal_allowed,
+    sniff,
+)
 from gbif_assets.fetch.verify import Verified, verify_image
 from gbif_assets.gbif.client import retry_after_seconds
 
 log = logging.getLogger(__name__)
 MAX_REDIRECTS = 5
+RATE_LIMIT_EXTRA_TRIES = 6  # a 429 is the host asking for patience, not a broken link
 RETRYABLE = {"timeout", "reset", "truncated", "http_429", "http_5xx", "connect"}
 BREAKER_ERRORS = {"timeout", "connect", "reset", "dns"}
 USER_AGENT = "gbif-assets/0.1 (training-set builder; polite: per-host limits, backoff)"
@@ -103,7 +111,13 @@ class Progress:
 
 
 class _Failure(Exception):
-    def __init__(self, error: str, status: int | None = None, detail: str | None = None, retry_after: float | None = None) -> None:
+    def __init__(
+        self,
+        error: str,
+        status: int | None = None,
+        detail: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
         super().__init__(detail or error)
         self.error, self.status, self.detail, self.retry_after = error, status, detail, retry_after
 
@@ -149,6 +163,7 @@ class FetchEngine:
         self._global = asyncio.Semaphore(config.concurrency)
         self._pool: Executor | None = None
         self._made_dirs: set[Path] = set()
+        self._paused_until: dict[str, float] = {}
         self._done = 0
         self._target = 0
         self._started = time.monotonic()
@@ -189,13 +204,18 @@ class FetchEngine:
             enable_cleanup_closed=True,
         )
         timeout = aiohttp.ClientTimeout(
-            total=self.config.timeout_s * 2, connect=self.config.timeout_s, sock_read=self.config.timeout_s
+            total=self.config.timeout_s * 2,
+            connect=self.config.timeout_s,
+            sock_read=self.config.timeout_s,
         )
         self._pool = self._executor()
         reporter = asyncio.create_task(self._report_loop())
         try:
             async with aiohttp.ClientSession(
-                connector=connector, timeout=timeout, headers={"User-Agent": self.config.user_agent}, auto_decompress=False
+                connector=connector,
+                timeout=timeout,
+                headers={"User-Agent": self.config.user_agent},
+                auto_decompress=False,
             ) as session:
                 await asyncio.gather(*(self._run_stream(session, c, t) for c, t in streams.values()))
         finally:
@@ -223,7 +243,14 @@ class FetchEngine:
         rate = self._done / elapsed
         left = max(0, self._target - self._done)
         self.progress_cb(
-            Progress(self._done, self._target, sum(self.failures.values()), rate, left / rate if rate else None, dict(self.failures))
+            Progress(
+                self._done,
+                self._target,
+                sum(self.failures.values()),
+                rate,
+                left / rate if rate else None,
+                dict(self.failures),
+            )
         )
 
     async def _run_stream(self, session: aiohttp.ClientSession, candidates: list[Candidate], target: int) -> None:
@@ -271,9 +298,18 @@ class FetchEngine:
                 return rescued
         return outcome
 
-    async def _fetch_with_retries(self, session: aiohttp.ClientSession, cand: Candidate, url: str, host: str, source: str) -> Outcome:
+    async def _wait_for_host(self, host: str) -> None:
+        """A 429 with Retry-After pauses the whole host, not just the request that got it."""
+        while (pause := self._paused_until.get(host, 0.0) - time.monotonic()) > 0:
+            await asyncio.sleep(pause)
+
+    async def _fetch_with_retries(
+        self, session: aiohttp.ClientSession, cand: Candidate, url: str, host: str, source: str
+    ) -> Outcome:
         last: _Failure | None = None
-        for attempt in range(1, self.config.retries + 2):
+        failures = throttled = 0
+        for attempt in itertools.count(1):
+            await self._wait_for_host(host)
             if self._breaker.is_open(host):
                 self._log(cand, url, None, None, "circuit_open", 0, time.monotonic(), attempt, source)
                 return Outcome(cand, False, error=last.error if last else "circuit_open", source=source)
@@ -283,10 +319,30 @@ class FetchEngine:
             except _Failure as failure:
                 last = failure
                 self._breaker.record(host, failure.error)
-                self._log(cand, url, None, failure.status, failure.error, 0, started, attempt, source, failure.detail)
-                if failure.error not in RETRYABLE or attempt > self.config.retries:
+                self._log(
+                    cand,
+                    url,
+                    None,
+                    failure.status,
+                    failure.error,
+                    0,
+                    started,
+                    attempt,
+                    source,
+                    failure.detail,
+                )
+                if failure.error == "http_429":
+                    throttled += 1
+                    give_up = throttled > self.config.retries + RATE_LIMIT_EXTRA_TRIES
+                else:
+                    failures += 1
+                    give_up = failures > self.config.retries
+                if failure.error not in RETRYABLE or give_up:
                     break
                 delay = failure.retry_after
+                if failure.error == "http_429" and delay is not None:
+                    self._paused_until[host] = max(self._paused_until.get(host, 0.0), time.monotonic() + delay)
+                    continue
                 if delay is None:
                     delay = min(self.config.backoff_max_s, self.config.backoff_base_s * 2 ** (attempt - 1))
                     delay *= 0.5 + random.random() / 2
@@ -294,11 +350,20 @@ class FetchEngine:
                 continue
             self._breaker.record(host, None)
             self._log(cand, url, final_url, status, None, verified.size, started, attempt, source)
-            return Outcome(cand, True, path=path, verified=verified, source=source, fetched_at=dt.datetime.now(dt.UTC))
+            return Outcome(
+                cand,
+                True,
+                path=path,
+                verified=verified,
+                source=source,
+                fetched_at=dt.datetime.now(dt.UTC),
+            )
         assert last is not None
         return Outcome(cand, False, error=last.error, source=source)
 
-    async def _attempt(self, session: aiohttp.ClientSession, cand: Candidate, url: str) -> tuple[Path, Verified, str, int]:
+    async def _attempt(
+        self, session: aiohttp.ClientSession, cand: Candidate, url: str
+    ) -> tuple[Path, Verified, str, int]:
         current = url
         for _hop in range(MAX_REDIRECTS + 1):
             scheme = urlsplit(current).scheme.lower()
@@ -306,8 +371,11 @@ class FetchEngine:
                 raise _Failure("blocked", detail=f"scheme {scheme or '(none)'} is not http(s): {current[:200]}")
             host = (urlsplit(current).hostname or "").lower()
             if not host_literal_allowed(host, self.config.allow_private_hosts):
-                raise _Failure("blocked", detail=f"{host} is a loopback, private, link-local or multicast address")
-            async with self._global, self._host_sem(host):
+                raise _Failure(
+                    "blocked",
+                    detail=f"{host} is a loopback, private, link-local or multicast address",
+                )
+            async with self._host_sem(host), self._global:  # host first: a busy host never holds global slots
                 if self._breaker.is_open(host):  # opened while this request waited for a slot
                     raise _Failure("circuit_open", detail=f"{host} failed repeatedly; skipped for now")
                 try:
@@ -333,7 +401,11 @@ class FetchEngine:
                     raise _Failure("timeout", detail=f"no answer within {self.config.timeout_s:g} s") from None
                 except aiohttp.ClientPayloadError as exc:
                     raise _Failure("truncated", detail=str(exc)[:300]) from None
-                except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, ConnectionResetError) as exc:
+                except (
+                    aiohttp.ServerDisconnectedError,
+                    aiohttp.ClientOSError,
+                    ConnectionResetError,
+                ) as exc:
                     raise _Failure("reset", detail=str(exc)[:300]) from None
                 except aiohttp.InvalidURL as exc:
                     raise _Failure("blocked", detail=f"invalid URL {exc}") from None
@@ -342,7 +414,11 @@ class FetchEngine:
         try:  # verification runs after the connection slot is released
             loop = asyncio.get_running_loop()
             verified = await loop.run_in_executor(
-                self._pool, verify_image, str(tmp), self.config.max_pixels, self.config.resize_max_side
+                self._pool,
+                verify_image,
+                str(tmp),
+                self.config.max_pixels,
+                self.config.resize_max_side,
             )
             if not verified.ok:
                 raise _Failure(verified.error or "decode_error", status, verified.detail)
@@ -357,9 +433,17 @@ class FetchEngine:
         """Stream a 200 body to a temporary file next to its final place, within max_bytes."""
         status = response.status
         if status == 429:
-            raise _Failure("http_429", status, retry_after=retry_after_seconds(response.headers.get("Retry-After"), None))  # type: ignore[arg-type]
+            raise _Failure(
+                "http_429",
+                status,
+                retry_after=retry_after_seconds(response.headers.get("Retry-After"), None),
+            )  # type: ignore[arg-type]
         if status >= 500:
-            raise _Failure("http_5xx", status, retry_after=retry_after_seconds(response.headers.get("Retry-After"), None))  # type: ignore[arg-type]
+            raise _Failure(
+                "http_5xx",
+                status,
+                retry_after=retry_after_seconds(response.headers.get("Retry-After"), None),
+            )  # type: ignore[arg-type]
         if status != 200:
             raise _Failure(f"http_{status}", status)
         length = response.headers.get("Content-Length")
@@ -377,7 +461,11 @@ class FetchEngine:
                     if first:
                         if sniff(chunk[:16]) is None:
                             kind = "html" if chunk.lstrip()[:1] == b"<" else "unknown"
-                            raise _Failure("not_image", status, f"body is {kind}, not an image (Content-Type {response.headers.get('Content-Type')})")
+                            raise _Failure(
+                                "not_image",
+                                status,
+                                f"body is {kind}, not an image (Content-Type {response.headers.get('Content-Type')})",
+                            )
                         first = False
                     size += len(chunk)
                     if size > self.config.max_bytes:

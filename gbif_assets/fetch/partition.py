@@ -149,7 +149,17 @@ def download_label(
                 present[row["stream"]] += 1
                 continue
         cands, _ = streams.setdefault(row["stream"], ([], int(row["stream_target"])))
-        cands.append(Candidate(row["url"], row["url_sha1"], row["gbifID"], row["stream"], int(row["rank"]), bool(row["selected"]), dest))
+        cands.append(
+            Candidate(
+                row["url"],
+                row["url_sha1"],
+                row["gbifID"],
+                row["stream"],
+                int(row["rank"]),
+                bool(row["selected"]),
+                dest,
+            )
+        )
     todo = {s: (c, max(0, t - present[s])) for s, (c, t) in streams.items()}
     engine = FetchEngine(config, progress)
     outcomes: list[Outcome] = asyncio.run(engine.run(todo)) if any(t for _, t in todo.values()) else []
@@ -157,14 +167,33 @@ def download_label(
     for outcome in outcomes:
         if outcome.ok and outcome.path and outcome.verified:
             v = outcome.verified
-            kept.append(_kept_row(by_sha[outcome.candidate.url_sha1], label, outcome.path, home, v.sha256, v.width,
-                                  v.height, v.size, v.mime, outcome.source or "publisher", outcome.fetched_at))  # fmt: skip
+            row = by_sha[outcome.candidate.url_sha1]
+            source = outcome.source or "publisher"
+            kept.append(
+                _kept_row(
+                    row,
+                    label,
+                    outcome.path,
+                    home,
+                    v.sha256,
+                    v.width,
+                    v.height,
+                    v.size,
+                    v.mime,
+                    source,
+                    outcome.fetched_at,
+                )
+            )
     attempts = _read_rows(log_path) + engine.attempts
     _write_parquet(pa.Table.from_pylist(attempts, schema=ATTEMPT_SCHEMA), log_path)
     _write_parquet(pa.Table.from_pylist(kept, schema=KEPT_SCHEMA), kept_path)
     targets = {s: int(r["stream_target"]) for r in rows for s in [r["stream"]]}
     got = Counter(r["stream"] for r in kept)
-    shortfall = [{"stream": s, "target": t, "kept": got[s], "missing": t - got[s]} for s, t in sorted(targets.items()) if got[s] < t]
+    shortfall = [
+        {"stream": s, "target": t, "kept": got[s], "missing": t - got[s]}
+        for s, t in sorted(targets.items())
+        if got[s] < t
+    ]
     seconds = time.monotonic() - started
     fetched = sum(1 for o in outcomes if o.ok)
     return LabelFetchResult(

@@ -43,7 +43,11 @@ def verify_image(path: str, max_pixels: int, resize_max_side: int | None = None)
             if fmt not in PIL_FORMATS:
                 return Verified(False, "not_image", f"unsupported image format {fmt or 'unknown'}")
             if width * height > max_pixels:
-                return Verified(False, "too_large", f"{width}x{height} pixels exceeds {max_pixels:,} (decompression bomb?)")
+                return Verified(
+                    False,
+                    "too_large",
+                    f"{width}x{height} pixels exceeds {max_pixels:,} (decompression bomb?)",
+                )
             if fmt == "JPEG":
                 img.draft("RGB", (max(1, width // 8), max(1, height // 8)))
             img.load()
@@ -68,4 +72,12 @@ def verify_image(path: str, max_pixels: int, resize_max_side: int | None = None)
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     mime, ext = PIL_FORMATS[fmt]
-    return Verified(True, width=width, height=height, mime=mime, ext=ext, sha256=digest.hexdigest(), size=Path(path).stat().st_size)
+    return Verified(
+        True,
+        width=width,
+        height=height,
+        mime=mime,
+        ext=ext,
+        sha256=digest.hexdigest(),
+        size=Path(path).stat().st_size,
+    )

@@ -139,7 +139,13 @@ class GbifClient:
                 if attempt >= self.max_retries:
                     raise GbifError(f"{method} {url}: {type(exc).__name__}: {exc}") from None
                 delay = self._backoff(attempt)
-                log.warning("GBIF %s %s failed (%s); retrying in %.1f s", method, path, type(exc).__name__, delay)
+                log.warning(
+                    "GBIF %s %s failed (%s); retrying in %.1f s",
+                    method,
+                    path,
+                    type(exc).__name__,
+                    delay,
+                )
                 attempt += 1
                 await asyncio.sleep(delay)
                 continue
@@ -154,7 +160,9 @@ class GbifClient:
             if status == 420 and too_many < self.too_many_retries:
                 too_many += 1
                 log.warning(
-                    "GBIF: too many simultaneous downloads for %s; waiting %.0f s", self.username, self.too_many_wait_s
+                    "GBIF: too many simultaneous downloads for %s; waiting %.0f s",
+                    self.username,
+                    self.too_many_wait_s,
                 )
                 await asyncio.sleep(self.too_many_wait_s)
                 continue
@@ -169,7 +177,10 @@ class GbifClient:
                 status,
             )
         if status == 410:
-            return DownloadGone(f"{url}: the download file was erased by GBIF (HTTP 410); request a new download", status)
+            return DownloadGone(
+                f"{url}: the download file was erased by GBIF (HTTP 410); request a new download",
+                status,
+            )
         if status == 420:
             return GbifError(f"GBIF: too many simultaneous downloads for {self.username!r} (HTTP 420)", status)
         return GbifError(f"{method} {url}: HTTP {status}: {excerpt}", status)
@@ -182,7 +193,10 @@ class GbifClient:
         return page
 
     async def count(
-        self, params: list[tuple[str, str]], facets: list[str] | None = None, facet_limit: int = 1000
+        self,
+        params: list[tuple[str, str]],
+        facets: list[str] | None = None,
+        facet_limit: int = 1000,
     ) -> dict[str, Any]:
         """Count only (limit=0), optionally with facet counts, so paging can be planned."""
         query = [*params, ("limit", "0"), ("offset", "0")]
@@ -231,7 +245,11 @@ class GbifClient:
         description: str | None = None,
     ) -> dict[str, Any]:
         """Register a derived dataset (search-mode citation); returns GBIF's answer with the DOI."""
-        body: dict[str, Any] = {"title": title, "sourceUrl": source_url, "relatedDatasets": related_datasets}
+        body: dict[str, Any] = {
+            "title": title,
+            "sourceUrl": source_url,
+            "relatedDatasets": related_datasets,
+        }
         if original_download_doi:
             body["originalDownloadDOI"] = original_download_doi
         if description:
@@ -258,7 +276,10 @@ class GbifClient:
                     if response.status == 416:  # already complete
                         break
                     if response.status == 410:
-                        raise DownloadGone(f"download {key} was erased by GBIF (HTTP 410): request a new download", 410)
+                        raise DownloadGone(
+                            f"download {key} was erased by GBIF (HTTP 410): request a new download",
+                            410,
+                        )
                     if response.status not in (200, 206):
                         text = await response.text(errors="replace")
                         raise self._error(response.status, "GET", url, text)
@@ -271,7 +292,12 @@ class GbifClient:
                 if attempt >= self.max_retries:
                     raise GbifError(f"archive {key}: transfer failed {attempt + 1} times: {exc}") from None
                 attempt += 1
-                log.warning("archive %s: transfer cut at %s bytes (%s); resuming", key, part.stat().st_size if part.exists() else 0, type(exc).__name__)
+                log.warning(
+                    "archive %s: transfer cut at %s bytes (%s); resuming",
+                    key,
+                    part.stat().st_size if part.exists() else 0,
+                    type(exc).__name__,
+                )
                 await asyncio.sleep(self._backoff(attempt - 1))
         error = await asyncio.to_thread(_zip_problem, part)
         if error:

@@ -75,7 +75,11 @@ def _fmt(params: list[tuple[str, str]]) -> str:
 
 
 async def _windows(
-    client: GbifClient, params: list[tuple[str, str]], total: int, report: HarvestReport, depth: int = 0
+    client: GbifClient,
+    params: list[tuple[str, str]],
+    total: int,
+    report: HarvestReport,
+    depth: int = 0,
 ) -> list[tuple[list[tuple[str, str]], int]]:
     """Sub-queries each within the 100,000 window, covering every record of `params`."""
     if total <= WINDOW:
@@ -133,9 +137,11 @@ async def harvest(
         total = int((await client.count(params)).get("count", 0))
         report.requests.append({"purpose": "count", "params": _fmt(params) + "&limit=0"})
         wanted = total if need_per_stream is None else min(total, reserve_for(need_per_stream))
-        windows = await _windows(client, params, total, report) if wanted > WINDOW or (
-            need_per_stream is None and total > WINDOW
-        ) else [(params, total)]
+        windows = (
+            await _windows(client, params, total, report)
+            if wanted > WINDOW or (need_per_stream is None and total > WINDOW)
+            else [(params, total)]
+        )
         fetched = 0
         for sub, sub_total in windows:
             share = sub_total if wanted >= total else math.ceil(wanted * sub_total / max(total, 1))

@@ -12,8 +12,20 @@ from typing import Any
 from pygbif.occurrences.download import GbifDownload, key_lkup
 
 # where GBIF's real predicate keys differ from pygbif's table
-KEY_FIXES = {"publishingOrgKey": "PUBLISHING_ORG", "countryCode": "COUNTRY", "mediaType": "MEDIA_TYPE", "gbifID": "GBIF_ID"}
-COMPARISONS = {"equals", "greaterThan", "greaterThanOrEquals", "lessThan", "lessThanOrEquals", "like"}
+KEY_FIXES = {
+    "publishingOrgKey": "PUBLISHING_ORG",
+    "countryCode": "COUNTRY",
+    "mediaType": "MEDIA_TYPE",
+    "gbifID": "GBIF_ID",
+}
+COMPARISONS = {
+    "equals",
+    "greaterThan",
+    "greaterThanOrEquals",
+    "lessThan",
+    "lessThanOrEquals",
+    "like",
+}
 TYPES = COMPARISONS | {"and", "or", "not", "in", "isNull", "isNotNull", "within", "geoDistance"}
 KEY_RE = re.compile(r"^[A-Z][A-Z0-9_]*$")
 
@@ -76,7 +88,11 @@ def validate_predicate(predicate: Any, path: str = "predicate") -> None:
             if name not in predicate:
                 raise ValueError(f"{path}.{name}: 'geoDistance' needs latitude, longitude and distance")
         return
-    key = predicate.get("key") if kind not in ("isNull", "isNotNull") else predicate.get("parameter", predicate.get("key"))
+    key = (
+        predicate.get("key")
+        if kind not in ("isNull", "isNotNull")
+        else predicate.get("parameter", predicate.get("key"))
+    )
     if not isinstance(key, str) or not KEY_RE.match(key):
         raise ValueError(f"{path}.key: {key!r} is not a GBIF search parameter (like SPECIES_KEY)")
     if kind == "in":

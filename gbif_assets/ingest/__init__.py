@@ -5,4 +5,11 @@ from gbif_assets.ingest.result import ArchiveError, IngestResult
 from gbif_assets.ingest.schema import OCCURRENCE_COLUMNS, required_fields
 from gbif_assets.ingest.search import load_search_records
 
-__all__ = ["OCCURRENCE_COLUMNS", "ArchiveError", "IngestResult", "load_archive", "load_search_records", "required_fields"]
+__all__ = [
+    "OCCURRENCE_COLUMNS",
+    "ArchiveError",
+    "IngestResult",
+    "load_archive",
+    "load_search_records",
+    "required_fields",
+]

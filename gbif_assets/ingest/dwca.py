@@ -122,8 +122,7 @@ def _check_header(path: Path, spec: FileSpec, origin: str) -> None:
             raise ArchiveError(f"{origin}: the header of {spec.location} is not UTF-8") from None
         if spec.columns and len(header) <= max(spec.columns):
             raise ArchiveError(
-                f"{origin}: {spec.location} has {len(header)} columns but meta.xml describes "
-                f"{max(spec.columns) + 1}"
+                f"{origin}: {spec.location} has {len(header)} columns but meta.xml describes {max(spec.columns) + 1}"
             )
 
 
@@ -148,10 +147,17 @@ def _header_width(path: Path, spec: FileSpec) -> int:
 
 def _rejects(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
     try:
-        rows = con.execute("SELECT error_type, count(DISTINCT (file_id, line)) FROM reject_errors GROUP BY ALL").fetchall()
+        rows = con.execute(
+            "SELECT error_type, count(DISTINCT (file_id, line)) FROM reject_errors GROUP BY ALL"
+        ).fetchall()
     except duckdb.Error:
         return {}
-    names = {"TOO MANY COLUMNS": "too_many_fields", "MISSING COLUMNS": "too_few_fields", "INVALID UNICODE": "not_utf8", "INVALID ENCODING": "not_utf8"}
+    names = {
+        "TOO MANY COLUMNS": "too_many_fields",
+        "MISSING COLUMNS": "too_few_fields",
+        "INVALID UNICODE": "not_utf8",
+        "INVALID ENCODING": "not_utf8",
+    }
     return {names.get(str(kind), str(kind).lower().replace(" ", "_")): int(n) for kind, n in rows}
 
 
@@ -195,7 +201,11 @@ def load_archive(
 def _occurrence_select(core: FileSpec, fields: list[str]) -> tuple[list[str], list[str]]:
     """SELECT expressions for the occurrence columns, and the ones the archive lacks."""
     exprs, missing = [], []
-    wanted = [("occurrence_license", "license"), *[(f, f) for f in OCCURRENCE_FIELDS], *[(f, f) for f in fields]]
+    wanted = [
+        ("occurrence_license", "license"),
+        *[(f, f) for f in OCCURRENCE_FIELDS],
+        *[(f, f) for f in fields],
+    ]
     for out_name, term in wanted:
         index = core.index_of(term)
         if index is None:
@@ -229,7 +239,9 @@ def _load_dwca(
     occ_source = _csv(core_path, core, _header_width(core_path, core))
     notes: list[str] = []
     occ_exprs, missing = _occurrence_select(core, fields)
-    con.execute(f"CREATE OR REPLACE TEMP TABLE occ_stage AS SELECT NULLIF(c{core.id_index}, '') AS gbifID, * FROM {occ_source}")
+    con.execute(
+        f"CREATE OR REPLACE TEMP TABLE occ_stage AS SELECT NULLIF(c{core.id_index}, '') AS gbifID, * FROM {occ_source}"
+    )
     skipped = {f"occurrence_{k}": v for k, v in _rejects(con).items()}
     occurrences = con.execute("SELECT count(*) FROM occ_stage").fetchone()[0]
     if media_spec is None:
@@ -240,17 +252,21 @@ def _load_dwca(
         media_path = _extract(archive, media_spec.location, scratch, origin)
         _check_header(media_path, media_spec, origin)
         width = _header_width(media_path, media_spec)
-        media_select = f"SELECT NULLIF(c{media_spec.id_index}, '') AS gbifID, * FROM {_csv(media_path, media_spec, width)}"
+        media_select = (
+            f"SELECT NULLIF(c{media_spec.id_index}, '') AS gbifID, * FROM {_csv(media_path, media_spec, width)}"
+        )
         media_exprs = []
         for name in MEDIA_COLUMNS:
             index = media_spec.index_of(name)
-            media_exprs.append(f"NULLIF(m.c{index}, '') AS {quote(name)}" if index is not None else f"NULL::VARCHAR AS {quote(name)}")
+            media_exprs.append(
+                f"NULLIF(m.c{index}, '') AS {quote(name)}" if index is not None else f"NULL::VARCHAR AS {quote(name)}"
+            )
     con.execute(f"CREATE OR REPLACE TEMP TABLE media_stage AS {media_select}")
     skipped.update({f"media_{k}": v for k, v in _rejects(con).items()})
     media_rows = con.execute("SELECT count(*) FROM media_stage").fetchone()[0]
-    orphans = con.execute(
-        "SELECT count(*) FROM media_stage m ANTI JOIN occ_stage o ON m.gbifID = o.gbifID"
-    ).fetchone()[0]
+    orphans = con.execute("SELECT count(*) FROM media_stage m ANTI JOIN occ_stage o ON m.gbifID = o.gbifID").fetchone()[
+        0
+    ]
     if orphans:
         skipped["media_without_occurrence"] = int(orphans)
     ident = media_spec.index_of("identifier") if media_spec else None
@@ -309,7 +325,9 @@ def _load_simple(
     columns.append("NULL::INTEGER AS media_index")
     columns += [f"NULL::VARCHAR AS {quote(c)}" for c in MEDIA_COLUMNS]
     columns.append(f"NULL::VARCHAR AS {quote('occurrence_license')}")
-    columns += [f"NULL::{'DOUBLE' if c in DOUBLE_FIELDS else 'VARCHAR'} AS {quote(c)}" for c in [*OCCURRENCE_FIELDS, *fields]]
+    columns += [
+        f"NULL::{'DOUBLE' if c in DOUBLE_FIELDS else 'VARCHAR'} AS {quote(c)}" for c in [*OCCURRENCE_FIELDS, *fields]
+    ]
     rows = replace_table(con, table, f"SELECT {', '.join(columns)} WHERE false")
     return IngestResult(
         format=fmt,

@@ -30,7 +30,10 @@ def _number(value: Any) -> float | None:
 
 
 def load_search_records(
-    con: duckdb.DuckDBPyConnection, records: Iterable[dict[str, Any]], fields: list[str], table: str = "occurrences"
+    con: duckdb.DuckDBPyConnection,
+    records: Iterable[dict[str, Any]],
+    fields: list[str],
+    table: str = "occurrences",
 ) -> IngestResult:
     """One row per media item of each record; records without media are counted, not loaded."""
     started = time.monotonic()
@@ -52,7 +55,10 @@ def load_search_records(
             for name in names[len(MEDIA_COLUMNS) + 3 :]:
                 value = record.get(name)
                 columns[name].append(_number(value) if name in DOUBLE_FIELDS else _text(value))
-    types = {name: pa.int32() if name == "media_index" else pa.float64() if name in DOUBLE_FIELDS else pa.string() for name in names}
+    types = {
+        name: pa.int32() if name == "media_index" else pa.float64() if name in DOUBLE_FIELDS else pa.string()
+        for name in names
+    }
     arrow = pa.table({name: pa.array(values, type=types[name]) for name, values in columns.items()})
     select = ", ".join(quote(n) for n in names)
     replace_table(con, table, f"SELECT {select} FROM arrow_records", {"arrow_records": arrow})

@@ -10,7 +10,10 @@ from gbif_assets.ingest.schema import quote
 
 
 def replace_table(
-    con: duckdb.DuckDBPyConnection, table: str, select_sql: str, register: dict[str, Any] | None = None
+    con: duckdb.DuckDBPyConnection,
+    table: str,
+    select_sql: str,
+    register: dict[str, Any] | None = None,
 ) -> int:
     """`CREATE OR REPLACE TABLE table AS select_sql` atomically; returns the new row count."""
     for name, obj in (register or {}).items():

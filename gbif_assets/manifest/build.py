@@ -52,7 +52,9 @@ class ManifestResult:
     class_distribution: Path | None = None
 
 
-def stream_targets(sizes: dict[str, int], nb_samples: int | None, per_stream: int | None, weighted: bool) -> dict[str, int]:
+def stream_targets(
+    sizes: dict[str, int], nb_samples: int | None, per_stream: int | None, weighted: bool
+) -> dict[str, int]:
     """t_s for every stream, per the module docstring's equations."""
     if not sizes:
         return {}
@@ -104,7 +106,9 @@ def build_manifest(con: duckdb.DuckDBPyConnection, recipe: Any, source: str = "o
     columns = {r[0] for r in con.execute(f"DESCRIBE {quote(source)}").fetchall()}
     for needed in (recipe.label, *b.split_streams_by):
         if needed not in columns:
-            raise ValueError(f"field {needed!r} (label or split_streams_by) is not in `{source}`: rebuild `occurrences`")
+            raise ValueError(
+                f"field {needed!r} (label or split_streams_by) is not in `{source}`: rebuild `occurrences`"
+            )
     license_map = register_license_map(con, source, ["license", "occurrence_license"])
     formats = _in_list([x.lower() for x in f.formats])
     types = _in_list([x.lower() for x in f.media_types])
@@ -152,10 +156,17 @@ def build_manifest(con: duckdb.DuckDBPyConnection, recipe: Any, source: str = "o
     step(f"licence not in {f.licenses}", f"license_id IN {_in_list(f.licenses)}")
     if f.publishers.allow:
         allow = _in_list(f.publishers.allow)
-        step("publisher not allowed", f'lower("datasetKey") IN {allow} OR lower("publishingOrgKey") IN {allow}')
+        step(
+            "publisher not allowed",
+            f'lower("datasetKey") IN {allow} OR lower("publishingOrgKey") IN {allow}',
+        )
     if f.publishers.deny:
         deny = _in_list(f.publishers.deny)
-        step("publisher denied", f'NOT (lower(coalesce("datasetKey", \'\')) IN {deny} OR lower(coalesce("publishingOrgKey", \'\')) IN {deny})')
+        step(
+            "publisher denied",
+            f"NOT (lower(coalesce(\"datasetKey\", '')) IN {deny}"
+            f" OR lower(coalesce(\"publishingOrgKey\", '')) IN {deny})",
+        )
     if f.hosts.allow:
         cond = " OR ".join(f"host = '{h}' OR host LIKE '%.{h}'" for h in f.hosts.allow)
         step("host not allowed (strict mode)", cond)
@@ -164,7 +175,8 @@ def build_manifest(con: duckdb.DuckDBPyConnection, recipe: Any, source: str = "o
         step("host denied", f"NOT ({cond})")
     step(
         "identical URL kept once",
-        f"cid IN (SELECT arg_min(cid, md5('{seed}:' || gbifID || ':' || media_index)) FROM candidates GROUP BY identifier)",
+        f"cid IN (SELECT arg_min(cid, md5('{seed}:' || gbifID || ':' || media_index))"
+        " FROM candidates GROUP BY identifier)",
     )
     if f.one_media_per_occurrence:
         step(
@@ -184,22 +196,32 @@ def build_manifest(con: duckdb.DuckDBPyConnection, recipe: Any, source: str = "o
     select = f"""
         WITH ranked AS (
             SELECT c.* EXCLUDE (fmt, mtype, cid),
-                   CAST(row_number() OVER (PARTITION BY c.stream ORDER BY md5('{seed}:' || c.identifier)) AS INTEGER) AS rank,
+                   CAST(row_number() OVER (PARTITION BY c.stream
+                                           ORDER BY md5('{seed}:' || c.identifier)) AS INTEGER) AS rank,
                    md5_number('{seed}:split:' || c.gbifID) % 1000000000 / 1e9 AS u
             FROM candidates c
         ), marked AS (
             SELECT r.* EXCLUDE (u),
                    sha1(r.identifier) AS url_sha1,
                    r.rank <= t.target AS selected,
-                   CASE WHEN r.u < {sp.train} THEN 'train' WHEN r.u < {sp.train + sp.val} THEN 'val' ELSE 'test' END AS split
+                   CASE WHEN r.u < {sp.train} THEN 'train'
+                        WHEN r.u < {sp.train + sp.val} THEN 'val' ELSE 'test' END AS split
             FROM ranked r JOIN stream_targets t USING (stream)
         )
-        SELECT m.*, CAST(count(*) FILTER (WHERE m.selected) OVER (PARTITION BY m.stream, m.label) AS INTEGER) AS stream_target
+        SELECT m.*,
+               CAST(count(*) FILTER (WHERE m.selected)
+                    OVER (PARTITION BY m.stream, m.label) AS INTEGER) AS stream_target
         FROM marked m
     """
     rows = replace_table(con, "media_manifest", select)
     per_label = [
-        dict(zip(("label", "candidates", "selected", "train", "val", "test", "streams"), row, strict=True))
+        dict(
+            zip(
+                ("label", "candidates", "selected", "train", "val", "test", "streams"),
+                row,
+                strict=True,
+            )
+        )
         for row in con.execute(
             """SELECT label, count(*), count(*) FILTER (WHERE selected),
                       count(*) FILTER (WHERE selected AND split = 'train'),
@@ -228,7 +250,9 @@ def export_manifest(con: duckdb.DuckDBPyConnection, path: Path) -> Path:
     """Write media_manifest to Parquet atomically; image partitions read this, never DuckDB."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".parquet.tmp")
-    con.execute(f"COPY (SELECT * FROM media_manifest ORDER BY label, stream, rank) TO '{tmp.as_posix()}' (FORMAT parquet)")
+    con.execute(
+        f"COPY (SELECT * FROM media_manifest ORDER BY label, stream, rank) TO '{tmp.as_posix()}' (FORMAT parquet)"
+    )
     os.replace(tmp, path)
     return path
 
@@ -238,13 +262,15 @@ def check_split_leakage(con: duckdb.DuckDBPyConnection) -> list[str]:
     problems = [
         f"occurrence {g} is in splits {s}"
         for g, s in con.execute(
-            "SELECT gbifID, string_agg(DISTINCT split, ',') FROM media_manifest GROUP BY gbifID HAVING count(DISTINCT split) > 1 LIMIT 100"
+            "SELECT gbifID, string_agg(DISTINCT split, ',') FROM media_manifest"
+            " GROUP BY gbifID HAVING count(DISTINCT split) > 1 LIMIT 100"
         ).fetchall()
     ]
     problems += [
         f"URL {u} is in splits {s}"
         for u, s in con.execute(
-            "SELECT identifier, string_agg(DISTINCT split, ',') FROM media_manifest GROUP BY identifier HAVING count(DISTINCT split) > 1 LIMIT 100"
+            "SELECT identifier, string_agg(DISTINCT split, ',') FROM media_manifest"
+            " GROUP BY identifier HAVING count(DISTINCT split) > 1 LIMIT 100"
         ).fetchall()
     ]
     return problems

@@ -62,7 +62,12 @@ def normalize_license(raw: str | None) -> str | None:
     words = re.sub(r"[^a-z0-9.]+", " ", lower.replace("non-commercial", "noncommercial")).split()
     version_match = _VERSION_RE.search(lower)
     version = f"{version_match.group(1)}.{version_match.group(2)}" if version_match else None
-    if "cc0" in words or "zero" in words or ("cc" in words and "0" in words) or "publicdomaindedication" in lower.replace(" ", ""):
+    if (
+        "cc0" in words
+        or "zero" in words
+        or ("cc" in words and "0" in words)
+        or "publicdomaindedication" in lower.replace(" ", "")
+    ):
         return "CC0-1.0"
     if "public" in words and "domain" in words:
         return "PDM-1.0"
@@ -104,7 +109,12 @@ def register_license_map(con: duckdb.DuckDBPyConnection, table: str, columns: li
     """
     union = " UNION ".join(f'SELECT DISTINCT "{c}" AS raw FROM "{table}"' for c in columns)
     raws = [r[0] for r in con.execute(union).fetchall() if r[0] is not None]
-    arrow = pa.table({"raw": pa.array(raws, pa.string()), "license_id": pa.array([normalize_license(r) for r in raws], pa.string())})
+    arrow = pa.table(
+        {
+            "raw": pa.array(raws, pa.string()),
+            "license_id": pa.array([normalize_license(r) for r in raws], pa.string()),
+        }
+    )
     con.register("license_map_arrow", arrow)
     con.execute("CREATE OR REPLACE TEMP TABLE license_map AS SELECT * FROM license_map_arrow")
     con.unregister("license_map_arrow")

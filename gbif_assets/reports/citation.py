@@ -40,8 +40,7 @@ def derived_dataset_request(
     """POST /derivedDataset body: datasetKey -> number of kept images."""
     counts = rows_of(
         home,
-        'SELECT "datasetKey" AS k, count(*) AS n FROM images WHERE "datasetKey" IS NOT NULL '
-        "GROUP BY k ORDER BY k",
+        'SELECT "datasetKey" AS k, count(*) AS n FROM images WHERE "datasetKey" IS NOT NULL GROUP BY k ORDER BY k',
     )
     body: dict[str, Any] = {
         "title": title,
@@ -66,9 +65,7 @@ def _cff(title: str, doi: str | None, citation_text: str, today: str) -> str:
         "date-released": dt.date.fromisoformat(today),
     }
     if doi:
-        doc.update(
-            doi=doi, url=f"https://doi.org/{doi}", identifiers=[{"type": "doi", "value": doi}]
-        )
+        doc.update(doi=doi, url=f"https://doi.org/{doi}", identifiers=[{"type": "doi", "value": doi}])
     return yaml.safe_dump(doc, sort_keys=False, allow_unicode=True)
 
 
@@ -107,34 +104,24 @@ def write_citation(
     files = ["CITATION.cff", "citation.bib", "citation.md"]
     related = 0
     if mode == "search" and derived_request is None:
-        raise ValueError(
-            "citation: search mode needs the derived-dataset request (derived_dataset_request(...))"
-        )
+        raise ValueError("citation: search mode needs the derived-dataset request (derived_dataset_request(...))")
     reports.mkdir(parents=True, exist_ok=True)
     if mode != "search" and not doi:
-        warnings.append(
-            f"{mode} mode: no download DOI known yet; the citation names GBIF.org without a DOI"
-        )
+        warnings.append(f"{mode} mode: no download DOI known yet; the citation names GBIF.org without a DOI")
     if mode == "search":
         related = len(derived_request["relatedDatasets"])
-        (reports / "derived_dataset_request.json").write_text(
-            json.dumps(derived_request, indent=2), encoding="utf-8"
-        )
+        (reports / "derived_dataset_request.json").write_text(json.dumps(derived_request, indent=2), encoding="utf-8")
         files.append("derived_dataset_request.json")
         if derived_answer:
             doi = derived_answer.get("doi")
             citation_text = (
-                derived_answer.get("citation")
-                or f"Derived dataset GBIF.org ({today}) https://doi.org/{doi}"
+                derived_answer.get("citation") or f"Derived dataset GBIF.org ({today}) https://doi.org/{doi}"
             )
-            (reports / "derived_dataset.json").write_text(
-                json.dumps(derived_answer, indent=2), encoding="utf-8"
-            )
+            (reports / "derived_dataset.json").write_text(json.dumps(derived_answer, indent=2), encoding="utf-8")
             files.append("derived_dataset.json")
         else:
             citation_text = (
-                f"GBIF.org ({today.isoformat()}) GBIF Occurrence Data, {name} "
-                "(derived dataset not yet registered)"
+                f"GBIF.org ({today.isoformat()}) GBIF Occurrence Data, {name} (derived dataset not yet registered)"
             )
             warnings.append(
                 "search mode: register the derived dataset "
@@ -142,24 +129,13 @@ def write_citation(
                 "to get a DOI; the request is in reports/derived_dataset_request.json"
             )
     title = f"{name}: image training set from GBIF occurrence media"
-    fallback = f"GBIF.org ({today.isoformat()}) GBIF Occurrence Download" + (
-        f" https://doi.org/{doi}" if doi else ""
-    )
+    fallback = f"GBIF.org ({today.isoformat()}) GBIF Occurrence Download" + (f" https://doi.org/{doi}" if doi else "")
     text = " ".join((citation_text or fallback).split())
-    (reports / "CITATION.cff").write_text(
-        _cff(title, doi, text, today.isoformat()), encoding="utf-8"
-    )
-    (reports / "citation.bib").write_text(
-        _bib(f"gbif_{name}", title, doi, today.year, text), encoding="utf-8"
-    )
+    (reports / "CITATION.cff").write_text(_cff(title, doi, text, today.isoformat()), encoding="utf-8")
+    (reports / "citation.bib").write_text(_bib(f"gbif_{name}", title, doi, today.year, text), encoding="utf-8")
     md = f"# How to cite {name}\n\n> {text}\n\n"
     if doi:
         md += f"DOI: [{doi}](https://doi.org/{doi})\n\n"
-    md += (
-        "Images keep the licences listed in `attribution.csv`; "
-        "credit each creator as the licence asks.\n"
-    )
+    md += "Images keep the licences listed in `attribution.csv`; credit each creator as the licence asks.\n"
     (reports / "citation.md").write_text(md, encoding="utf-8")
-    return CitationResult(
-        mode=mode, doi=doi, citation_md=md, related_datasets=related, files=files, warnings=warnings
-    )
+    return CitationResult(mode=mode, doi=doi, citation_md=md, related_datasets=related, files=files, warnings=warnings)

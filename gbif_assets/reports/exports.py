@@ -47,18 +47,12 @@ def hf_metadata(home: Path) -> tuple[list[Path], Path, int]:
     )
     unknown = sorted({r["split"] for r in rows} - set(SPLITS))
     if unknown:
-        raise ValueError(
-            f"images.parquet has split {unknown[0]!r}; exports know only {', '.join(SPLITS)}"
-        )
+        raise ValueError(f"images.parquet has split {unknown[0]!r}; exports know only {', '.join(SPLITS)}")
     written = []
     for split in sorted({r["split"] for r in rows}):
-        part = [
-            dict(r, file_name=r["file_name"].split("/", 1)[1]) for r in rows if r["split"] == split
-        ]
+        part = [dict(r, file_name=r["file_name"].split("/", 1)[1]) for r in rows if r["split"] == split]
         written.append(write_csv(home / "images" / split / "metadata.csv", part, HF_COLUMNS))
-    table = write_csv(
-        home / "reports" / "images.csv", rows, ["file_name", "split", *HF_COLUMNS[1:], "path"]
-    )
+    table = write_csv(home / "reports" / "images.csv", rows, ["file_name", "split", *HF_COLUMNS[1:], "path"])
     return written, table, len(rows)
 
 
@@ -189,10 +183,7 @@ def export_all(home: Path, name: str, description: str, citation: str) -> Export
     """Both exports; the Croissant file lists the licences and image formats actually present."""
     files, table, rows = hf_metadata(home)
     licenses = [
-        r["license"]
-        for r in rows_of(
-            home, "SELECT DISTINCT license FROM images WHERE license IS NOT NULL ORDER BY 1"
-        )
+        r["license"] for r in rows_of(home, "SELECT DISTINCT license FROM images WHERE license IS NOT NULL ORDER BY 1")
     ]
     mimes = {
         "jpg": "image/jpeg",

@@ -100,8 +100,7 @@ def license_report(home: Path) -> LicenseReport:
     restricted = [
         r
         for r in per_license
-        if any(f"-{k}" in r["license"] for k in RESTRICTED)
-        or r["license"] in ("unknown", "all-rights-reserved")
+        if any(f"-{k}" in r["license"] for k in RESTRICTED) or r["license"] in ("unknown", "all-rights-reserved")
     ]
     if restricted:
         warnings.append(
@@ -111,12 +110,7 @@ def license_report(home: Path) -> LicenseReport:
             "unknown means ask the rights holder"
         )
     total = sum(r["images"] for r in per_license)
-    md = (
-        "# Licences\n\n"
-        + md_table(per_license)
-        + "\n## Rights holders\n\n"
-        + md_table(per_holder, 30)
-    )
+    md = "# Licences\n\n" + md_table(per_license) + "\n## Rights holders\n\n" + md_table(per_holder, 30)
     md += "\n## Publishers\n\n" + md_table(per_publisher, 30)
     if warnings:
         md += "\n**Warning:** " + warnings[0] + "\n"
@@ -148,9 +142,5 @@ def attribution(home: Path) -> AttributionResult:
         row["license_url"] = license_url(row["license"]) or ""
     path = write_csv(home / "reports" / "attribution.csv", rows, ATTRIBUTION_COLUMNS)
     missing = sum(1 for r in rows if not r["creator"])
-    warnings = (
-        [f"{missing} image(s) name no creator or rights holder: credit the occurrence URL"]
-        if missing
-        else []
-    )
+    warnings = [f"{missing} image(s) name no creator or rights holder: credit the occurrence URL"] if missing else []
     return AttributionResult(rows=len(rows), path=path, missing_creator=missing, warnings=warnings)

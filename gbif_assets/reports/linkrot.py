@@ -44,9 +44,7 @@ def link_rot_report(home: Path) -> LinkRotReport:
     """reports/link_rot_*.csv, link_rot.md and link_rot.png."""
     logs = sorted((home / "metadata" / "downloads").glob("*.parquet"))
     if not logs:
-        raise FileNotFoundError(
-            f"{home / 'metadata' / 'downloads'} has no attempt logs: materialize `images` first"
-        )
+        raise FileNotFoundError(f"{home / 'metadata' / 'downloads'} has no attempt logs: materialize `images` first")
     files = "[" + ", ".join(f"'{p.as_posix()}'" for p in logs) + "]"
     manifest = (home / "metadata" / "manifest.parquet").as_posix()
     con = duckdb.connect()

@@ -53,9 +53,7 @@ def merged_select(home: Path) -> str:
     """SQL over the partition files joined with the manifest, one row per kept file."""
     parts = _glob(home, "partitions")
     if parts is None:
-        raise FileNotFoundError(
-            f"{home / 'metadata' / 'partitions'} has no Parquet files: materialize `images` first"
-        )
+        raise FileNotFoundError(f"{home / 'metadata' / 'partitions'} has no Parquet files: materialize `images` first")
     manifest_path = home / "metadata" / "manifest.parquet"
     if not manifest_path.exists():
         raise FileNotFoundError(f"{manifest_path} not found: materialize `media_manifest` first")
@@ -99,8 +97,7 @@ def merge_image_metadata(
         dups = con.execute("SELECT path FROM ranked WHERE dup_rank > 1").fetchall()
         _write(
             con,
-            "SELECT * EXCLUDE (dup_rank, keeper), keeper AS duplicate_of "
-            "FROM ranked WHERE dup_rank > 1",
+            "SELECT * EXCLUDE (dup_rank, keeper), keeper AS duplicate_of FROM ranked WHERE dup_rank > 1",
             home / "metadata" / "duplicates.parquet",
         )
         for (path,) in dups:
@@ -119,15 +116,9 @@ def merge_image_metadata(
         con.close()
     if warehouse is not None:
         replace_table(warehouse, "images", f"SELECT * FROM read_parquet('{out.as_posix()}')")
-    notes = (
-        [f"{len(dups)} exact duplicate file(s) removed (listed in metadata/duplicates.parquet)"]
-        if dups
-        else []
-    )
+    notes = [f"{len(dups)} exact duplicate file(s) removed (listed in metadata/duplicates.parquet)"] if dups else []
     if near:
-        notes.append(
-            f"{near} near-duplicate image(s) flagged in column near_duplicate_of (perceptual hash)"
-        )
+        notes.append(f"{near} near-duplicate image(s) flagged in column near_duplicate_of (perceptual hash)")
     return MetadataResult(
         rows=rows,
         duplicates_removed=len(dups),
@@ -139,9 +130,7 @@ def merge_image_metadata(
     )
 
 
-def _near_duplicates(
-    con: duckdb.DuckDBPyConnection, home: Path, max_distance: int = NEAR_DISTANCE
-) -> int:
+def _near_duplicates(con: duckdb.DuckDBPyConnection, home: Path, max_distance: int = NEAR_DISTANCE) -> int:
     """Flag images whose perceptual hash is within `max_distance` bits of an earlier kept image
     (resized or re-encoded copies); the first one in train/rank/path order stays unflagged."""
     import imagehash
@@ -183,10 +172,7 @@ def check_files_match(home: Path) -> list[str]:
         return [f"{table} does not exist"]
     con = duckdb.connect()
     try:
-        rows = {
-            r[0]
-            for r in con.execute(f"SELECT path FROM read_parquet('{table.as_posix()}')").fetchall()
-        }
+        rows = {r[0] for r in con.execute(f"SELECT path FROM read_parquet('{table.as_posix()}')").fetchall()}
     finally:
         con.close()
     files = {
@@ -229,8 +215,7 @@ def rows_of(home: Path, sql_from_images: str) -> list[dict[str, Any]]:
     con = duckdb.connect()
     try:
         con.execute(
-            "CREATE VIEW images AS SELECT * FROM "
-            f"read_parquet('{(home / 'metadata' / 'images.parquet').as_posix()}')"
+            f"CREATE VIEW images AS SELECT * FROM read_parquet('{(home / 'metadata' / 'images.parquet').as_posix()}')"
         )
         cur = con.execute(sql_from_images)
         names = [d[0] for d in cur.description]

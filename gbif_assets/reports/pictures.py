@@ -19,8 +19,7 @@ def contact_sheets(home: Path, per_sheet: int = PER_SHEET) -> list[Path]:
     """reports/contact_sheets/<label>.png: a grid of the first train images of each label."""
     rows = rows_of(
         home,
-        "SELECT label, path FROM images "
-        "ORDER BY label, CASE split WHEN 'train' THEN 0 ELSE 1 END, rank, path",
+        "SELECT label, path FROM images ORDER BY label, CASE split WHEN 'train' THEN 0 ELSE 1 END, rank, path",
     )
     by_label: dict[str, list[str]] = {}
     for row in rows:
@@ -33,9 +32,7 @@ def contact_sheets(home: Path, per_sheet: int = PER_SHEET) -> list[Path]:
         cols = min(6, len(paths))
         grid_rows = (len(paths) + cols - 1) // cols
         sheet = Image.new("RGB", (cols * THUMB, grid_rows * THUMB + 20), "white")
-        ImageDraw.Draw(sheet).text(
-            (4, 4), f"label {label}: {len(by_label[label])} images", fill="black"
-        )
+        ImageDraw.Draw(sheet).text((4, 4), f"label {label}: {len(by_label[label])} images", fill="black")
         for i, rel in enumerate(paths):
             try:
                 with Image.open(home / rel) as img:
@@ -43,8 +40,7 @@ def contact_sheets(home: Path, per_sheet: int = PER_SHEET) -> list[Path]:
                     thumb = ImageOps.contain(img.convert("RGB"), (THUMB, THUMB))
             except OSError as exc:
                 raise ValueError(
-                    f"contact sheet: cannot read {rel} ({exc.__class__.__name__}); "
-                    "rebuild its `images` partition"
+                    f"contact sheet: cannot read {rel} ({exc.__class__.__name__}); rebuild its `images` partition"
                 ) from exc
             x = (i % cols) * THUMB + (THUMB - thumb.width) // 2
             y = 20 + (i // cols) * THUMB + (THUMB - thumb.height) // 2

@@ -27,7 +27,7 @@ def _assert_dataset(home: Path, recipe_labels: set[str] | None = None) -> set[st
     """The contract's layout: ImageFolder tree, metadata with its columns, logs and reports."""
     table = pq.read_table(home / "metadata" / "images.parquet")
     assert table.num_rows > 0
-    assert CONTRACT_COLUMNS <= set(table.column_names)
+    assert set(table.column_names) >= CONTRACT_COLUMNS
     rows = table.to_pylist()
     labels = {r["label"] for r in rows}
     if recipe_labels is not None:
@@ -83,7 +83,13 @@ def test_build_download_mode_and_rebuild_is_idempotent(gbif_env: Path) -> None:
 
 def test_select_one_asset_reuses_upstream(gbif_env: Path) -> None:
     recipe = load_recipe(copy_recipe("invasive_plants", gbif_env / "datasets"))
-    assert run_build(recipe, BuildOptions(select="invasive_plants/occurrences,invasive_plants/media_manifest")) == 0
+    assert (
+        run_build(
+            recipe,
+            BuildOptions(select="invasive_plants/occurrences,invasive_plants/media_manifest"),
+        )
+        == 0
+    )
     manifest = gbif_env / "data" / "invasive_plants" / "metadata" / "manifest.parquet"
     assert manifest.is_file()
     assert not (gbif_env / "data" / "invasive_plants" / "images").exists()
@@ -97,7 +103,13 @@ def test_select_errors_name_the_problem(gbif_env: Path, capsys: pytest.CaptureFi
     recipe = load_recipe(copy_recipe("invasive_plants", gbif_env / "datasets"))
     assert run_build(recipe, BuildOptions(select="invasive_plants/nonexistent")) == 2
     assert "nonexistent" in capsys.readouterr().out
-    assert run_build(recipe, BuildOptions(select="invasive_plants/occurrences,invasive_plants/media_manifest")) == 0
+    assert (
+        run_build(
+            recipe,
+            BuildOptions(select="invasive_plants/occurrences,invasive_plants/media_manifest"),
+        )
+        == 0
+    )
     assert run_build(recipe, BuildOptions(select="invasive_plants/images", partitions=["999"])) == 1
     assert "unknown label(s) 999" in capsys.readouterr().out
 
@@ -116,9 +128,7 @@ def test_cli_validate_prints_predicate() -> None:
 def test_cli_bad_recipe_exits_2_with_message(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: bad\nsource: {mode: search}\n")
-    out = subprocess.run(
-        [sys.executable, "-m", "gbif_assets.cli", "build", str(bad)], capture_output=True, text=True
-    )
+    out = subprocess.run([sys.executable, "-m", "gbif_assets.cli", "build", str(bad)], capture_output=True, text=True)
     assert out.returncode == 2
     assert str(bad) in out.stderr and "source" in out.stderr and "needs source.query" in out.stderr
 

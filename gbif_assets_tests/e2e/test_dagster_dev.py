@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import socket
@@ -96,9 +97,7 @@ def test_partition_run_launched_over_graphql(dagster_dev) -> None:
         asset_selection=[["invasive_plants", "occurrences"], ["invasive_plants", "media_manifest"]],
     )
     assert _wait(client, upstream) == DagsterRunStatus.SUCCESS
-    run_id = client.submit_job_execution(
-        "invasive_plants_images_job", tags={"dagster/partition": "5352251"}
-    )
+    run_id = client.submit_job_execution("invasive_plants_images_job", tags={"dagster/partition": "5352251"})
     assert _wait(client, run_id) == DagsterRunStatus.SUCCESS, (tmp_path / "dagster_dev.log").read_text()[-4000:]
     home = tmp_path / "data" / "invasive_plants"
     assert (home / "metadata" / "downloads" / "5352251.parquet").is_file()
@@ -124,7 +123,11 @@ query($id: String!) {
 
 
 def _graphql(port: int, query: str, variables: dict) -> dict:
-    answer = requests.post(f"http://127.0.0.1:{port}/graphql", json={"query": query, "variables": variables}, timeout=30)
+    answer = requests.post(
+        f"http://127.0.0.1:{port}/graphql",
+        json={"query": query, "variables": variables},
+        timeout=30,
+    )
     answer.raise_for_status()
     body = answer.json()
     assert "errors" not in body, body
@@ -146,7 +149,13 @@ def test_backfill_of_every_label_under_pool_limits(dagster_dev) -> None:
     deadline = time.monotonic() + 400
     while time.monotonic() < deadline:
         backfill = _graphql(port, BACKFILL_STATUS, {"id": launched["backfillId"]})["partitionBackfillOrError"]
-        if backfill["status"] in ("COMPLETED", "COMPLETED_SUCCESS", "COMPLETED_FAILED", "FAILED", "CANCELED"):
+        if backfill["status"] in (
+            "COMPLETED",
+            "COMPLETED_SUCCESS",
+            "COMPLETED_FAILED",
+            "FAILED",
+            "CANCELED",
+        ):
             break
         time.sleep(2)
     else:
@@ -166,11 +175,19 @@ def test_backfill_of_every_label_under_pool_limits(dagster_dev) -> None:
                 continue
             assert record.dagster_run.status == DagsterRunStatus.SUCCESS, record.dagster_run.run_id
             events = instance.all_logs(record.dagster_run.run_id)
-            start = [e.timestamp for e in events if e.dagster_event and e.dagster_event.event_type == DagsterEventType.STEP_START]
-            end = [e.timestamp for e in events if e.dagster_event and e.dagster_event.event_type == DagsterEventType.STEP_SUCCESS]
+            start = [
+                e.timestamp
+                for e in events
+                if e.dagster_event and e.dagster_event.event_type == DagsterEventType.STEP_START
+            ]
+            end = [
+                e.timestamp
+                for e in events
+                if e.dagster_event and e.dagster_event.event_type == DagsterEventType.STEP_SUCCESS
+            ]
             spans.append((min(start), max(end)))
             text = " ".join(e.message or "" for e in events)
             assert "Could not set lock" not in text and "Conflicting lock" not in text
     assert len(spans) == len(labels)
     spans.sort()
-    assert all(later[0] >= earlier[1] - 0.05 for earlier, later in zip(spans, spans[1:], strict=False)), spans
+    assert all(later[0] >= earlier[1] - 0.05 for earlier, later in itertools.pairwise(spans)), spans

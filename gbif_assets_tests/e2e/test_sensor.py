@@ -43,7 +43,11 @@ def test_sensor_waits_then_starts_archive_run(gbif_env: Path, emulator) -> None:
     emulator.set_status(key, "PREPARING")
     first = _tick(defs, instance, None)
     assert not first.run_requests
-    assert json.loads(first.cursor)["sensor_ok"] == {"key": key, "status": "PREPARING", "settled": False}
+    assert json.loads(first.cursor)["sensor_ok"] == {
+        "key": key,
+        "status": "PREPARING",
+        "settled": False,
+    }
     emulator.set_status(key, "RUNNING")
     second = _tick(defs, instance, first.cursor)
     assert not second.run_requests
@@ -53,7 +57,11 @@ def test_sensor_waits_then_starts_archive_run(gbif_env: Path, emulator) -> None:
     assert len(third.run_requests) == 1
     request = third.run_requests[0]
     assert request.run_key == f"sensor_ok:{key}"
-    assert {k.path[-1] for k in request.asset_selection} == {"occurrence_archive", "occurrences", "media_manifest"}
+    assert {k.path[-1] for k in request.asset_selection} == {
+        "occurrence_archive",
+        "occurrences",
+        "media_manifest",
+    }
     # settled: the next tick neither polls again nor requests twice
     fourth = _tick(defs, instance, third.cursor)
     assert not fourth.run_requests

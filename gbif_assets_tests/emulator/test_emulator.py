@@ -16,7 +16,10 @@ import pytest
 from gbif_assets_tests.conftest import GBIF_TEST_PASSWORD, GBIF_TEST_USER
 
 SPECIES = "5352251"
-PREDICATE = {"type": "and", "predicates": [{"type": "equals", "key": "SPECIES_KEY", "value": SPECIES}]}
+PREDICATE = {
+    "type": "and",
+    "predicates": [{"type": "equals", "key": "SPECIES_KEY", "value": SPECIES}],
+}
 
 
 def _get(url: str) -> tuple[int, dict[str, str], bytes]:
@@ -29,7 +32,11 @@ def _get(url: str) -> tuple[int, dict[str, str], bytes]:
 
 def _post(url: str, body: object, user: str = GBIF_TEST_USER, password: str = GBIF_TEST_PASSWORD) -> tuple[int, str]:
     auth = base64.b64encode(f"{user}:{password}".encode()).decode()
-    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json", "Authorization": f"Basic {auth}"})
+    request = urllib.request.Request(
+        url,
+        json.dumps(body).encode(),
+        {"Content-Type": "application/json", "Authorization": f"Basic {auth}"},
+    )
     try:
         with urllib.request.urlopen(request) as r:
             return r.status, r.read().decode()
@@ -53,24 +60,39 @@ def test_offset_window_is_an_http_400(emulator) -> None:
 
 def test_repeated_parameters_or_different_ones_and(emulator) -> None:
     one = json.loads(_get(f"{emulator.api_url}/occurrence/search?limit=0&speciesKey={SPECIES}")[2])["count"]
-    two = json.loads(_get(f"{emulator.api_url}/occurrence/search?limit=0&speciesKey={SPECIES}&speciesKey=3190653")[2])["count"]
+    two = json.loads(_get(f"{emulator.api_url}/occurrence/search?limit=0&speciesKey={SPECIES}&speciesKey=3190653")[2])[
+        "count"
+    ]
     both = json.loads(
-        _get(f"{emulator.api_url}/occurrence/search?limit=0&speciesKey={SPECIES}&datasetKey=7a3679ef-5582-4aaa-81f0-8c2545cafc81")[2]
+        _get(
+            f"{emulator.api_url}/occurrence/search?limit=0&speciesKey={SPECIES}&datasetKey=7a3679ef-5582-4aaa-81f0-8c2545cafc81"
+        )[2]
     )["count"]
     assert two > one > both > 0
 
 
 def test_facets_have_gbif_shape(emulator) -> None:
-    page = json.loads(_get(f"{emulator.api_url}/occurrence/search?limit=0&facet=datasetKey&facetLimit=2&speciesKey={SPECIES}")[2])
+    page = json.loads(
+        _get(f"{emulator.api_url}/occurrence/search?limit=0&facet=datasetKey&facetLimit=2&speciesKey={SPECIES}")[2]
+    )
     facet = page["facets"][0]
     assert facet["field"] == "DATASET_KEY" and len(facet["counts"]) == 2
     assert all(isinstance(c["name"], str) and c["count"] > 0 for c in facet["counts"])
 
 
 def test_download_lifecycle(emulator) -> None:
-    status, key = _post(f"{emulator.api_url}/occurrence/download/request", {"creator": GBIF_TEST_USER, "format": "DWCA", "predicate": PREDICATE})
+    status, key = _post(
+        f"{emulator.api_url}/occurrence/download/request",
+        {"creator": GBIF_TEST_USER, "format": "DWCA", "predicate": PREDICATE},
+    )
     assert status == 201
-    assert _post(f"{emulator.api_url}/occurrence/download/request", {"format": "DWCA", "predicate": PREDICATE})[1] == key  # same key within 48 h
+    assert (
+        _post(
+            f"{emulator.api_url}/occurrence/download/request",
+            {"format": "DWCA", "predicate": PREDICATE},
+        )[1]
+        == key
+    )  # same key within 48 h
     assert _get(f"{emulator.api_url}/occurrence/download/request/{key}.zip")[0] == 404  # not ready
     deadline = time.monotonic() + 10
     while json.loads(_get(f"{emulator.api_url}/occurrence/download/{key}")[2])["status"] != "SUCCEEDED":
@@ -82,7 +104,14 @@ def test_download_lifecycle(emulator) -> None:
     status, _, data = _get(f"{emulator.api_url}/occurrence/download/request/{key}.zip")  # urllib follows the 302
     with zipfile.ZipFile(io.BytesIO(data)) as archive:
         names = set(archive.namelist())
-        assert {"meta.xml", "occurrence.txt", "multimedia.txt", "citations.txt", "rights.txt", "metadata.xml"} <= names
+        assert {
+            "meta.xml",
+            "occurrence.txt",
+            "multimedia.txt",
+            "citations.txt",
+            "rights.txt",
+            "metadata.xml",
+        } <= names
         rows = archive.read("occurrence.txt").decode().splitlines()
         header = rows[0].split("\t")
         species = {r.split("\t")[header.index("speciesKey")] for r in rows[1:]}
@@ -119,13 +148,17 @@ def test_image_cache_serves_dead_links(emulator) -> None:
     url = record["media"][0]["identifier"]
     md5 = hashlib.md5(url.encode()).hexdigest()
     assert _get(url)[0] == 404  # the publisher link is dead
-    status, headers, body = _get(f"{emulator.api_url}/image/cache/occurrence/{record['gbifID']}/media/{md5}")
+    status, _, body = _get(f"{emulator.api_url}/image/cache/occurrence/{record['gbifID']}/media/{md5}")
     assert status == 200 and body[:3] == b"\xff\xd8\xff"
     assert _get(f"{emulator.api_url}/image/cache/occurrence/{record['gbifID']}/media/{'0' * 32}")[0] == 404
 
 
 def test_derived_dataset(emulator) -> None:
-    body = {"title": "t", "sourceUrl": "https://example.org/x", "relatedDatasets": {"7a3679ef-5582-4aaa-81f0-8c2545cafc81": 3}}
+    body = {
+        "title": "t",
+        "sourceUrl": "https://example.org/x",
+        "relatedDatasets": {"7a3679ef-5582-4aaa-81f0-8c2545cafc81": 3},
+    }
     status, answer = _post(f"{emulator.api_url}/derivedDataset", body)
     assert status == 201 and json.loads(answer)["doi"].startswith("10.15468/dd.")
     assert _post(f"{emulator.api_url}/derivedDataset", {"title": "t"})[0] == 400
@@ -135,7 +168,17 @@ def test_derived_dataset(emulator) -> None:
 def test_archive_layouts(emulator, layout: str) -> None:
     emulator.config.media_layout = layout
     try:
-        _, key = _post(f"{emulator.api_url}/occurrence/download/request", {"predicate": {"type": "equals", "key": "SPECIES_KEY", "value": "3190653" if layout == "2014" else "3189866"}, "format": "DWCA"})
+        _, key = _post(
+            f"{emulator.api_url}/occurrence/download/request",
+            {
+                "predicate": {
+                    "type": "equals",
+                    "key": "SPECIES_KEY",
+                    "value": "3190653" if layout == "2014" else "3189866",
+                },
+                "format": "DWCA",
+            },
+        )
         emulator.set_status(key, "SUCCEEDED")
         _, _, data = _get(f"{emulator.api_url}/occurrence/download/request/{key}.zip")
     finally:

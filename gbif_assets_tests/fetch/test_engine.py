@@ -25,7 +25,13 @@ def _cand(url: str, dest: Path, stream: str = "s", rank: int = 1, gbif_id: str =
 
 
 def _config(**kw) -> FetchConfig:
-    base = dict(allow_private_hosts=True, retries=2, timeout_s=2, backoff_base_s=0.05, gbif_image_cache_fallback=False)
+    base = dict(
+        allow_private_hosts=True,
+        retries=2,
+        timeout_s=2,
+        backoff_base_s=0.05,
+        gbif_image_cache_fallback=False,
+    )
     return FetchConfig(**{**base, **kw})
 
 
@@ -43,14 +49,19 @@ def test_every_fault_gets_its_error_class(hosts: ImageHosts, tmp_path: Path) -> 
         "hang": "timeout", "rate429": None, "flaky5xx": None,
     }  # fmt: skip
     streams = {
-        name: ([_cand(f"{hosts.base_urls[name]}/photos/{name}/1.jpg", tmp_path / name, stream=name)], 1)
+        name: (
+            [_cand(f"{hosts.base_urls[name]}/photos/{name}/1.jpg", tmp_path / name, stream=name)],
+            1,
+        )
         for name in expected
     }
     engine = _run(_config(max_bytes=1_000_000, retries=1, timeout_s=1), streams)
     outcomes = {o.candidate.stream: o for o in engine.outcomes}
     for name, error in expected.items():
         assert outcomes[name].error == error, (name, outcomes[name].error)
-        files = [p for p in (tmp_path / name).glob("*") if not p.name.startswith(".")] if (tmp_path / name).exists() else []
+        files = (
+            [p for p in (tmp_path / name).glob("*") if not p.name.startswith(".")] if (tmp_path / name).exists() else []
+        )
         if error is None:
             assert len(files) == 1
             with Image.open(files[0]) as img:
@@ -59,7 +70,10 @@ def test_every_fault_gets_its_error_class(hosts: ImageHosts, tmp_path: Path) -> 
             assert files == []  # nothing half-written at a final path
         assert not list((tmp_path / name).glob(".*.part")) if (tmp_path / name).exists() else True
     logged = {(a["stream"], a["error"]) for a in engine.attempts}
-    assert ("rate429", "http_429") in logged and ("flaky5xx", "http_5xx") in logged  # retried, then fetched
+    assert ("rate429", "http_429") in logged and (
+        "flaky5xx",
+        "http_5xx",
+    ) in logged  # retried, then fetched
 
 
 def test_per_host_limit_holds(hosts: ImageHosts, tmp_path: Path) -> None:
@@ -96,7 +110,10 @@ def test_private_addresses_refused_before_any_request(hosts: ImageHosts, tmp_pat
 def test_dead_host_costs_seconds_not_hours(hosts: ImageHosts, tmp_path: Path) -> None:
     cands = [_cand(f"{hosts.base_urls['hang']}/h/{i}.jpg", tmp_path, rank=i) for i in range(40)]
     started = time.monotonic()
-    engine = _run(_config(timeout_s=0.5, retries=1, per_host=2, breaker_failures=3, breaker_open_s=60), {"s": (cands, 40)})
+    engine = _run(
+        _config(timeout_s=0.5, retries=1, per_host=2, breaker_failures=3, breaker_open_s=60),
+        {"s": (cands, 40)},
+    )
     elapsed = time.monotonic() - started
     assert elapsed < 8, elapsed  # 40 candidates x 2 attempts x 0.5 s / 2 connections would be 20 s
     assert any(a["error"] == "circuit_open" for a in engine.attempts)
@@ -167,4 +184,14 @@ def test_kill_dash_nine_then_resume(hosts: ImageHosts, tmp_path: Path) -> None:
     kept = pq.read_table(home / "metadata" / "partitions" / "L1.parquet")
     assert kept.num_rows == 40 and set(kept.column("source").to_pylist()) == {"publisher"}
     log = pq.read_table(home / "metadata" / "downloads" / "L1.parquet")
-    assert {"url", "host", "final_url", "status", "error", "bytes", "ms", "attempt", "source"} <= set(log.column_names)
+    assert {
+        "url",
+        "host",
+        "final_url",
+        "status",
+        "error",
+        "bytes",
+        "ms",
+        "attempt",
+        "source",
+    } <= set(log.column_names)

@@ -11,7 +11,14 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from gbif_assets.gbif import DownloadGone, GbifAuthError, GbifClient, GbifError, harvest, query_to_predicate
+from gbif_assets.gbif import (
+    DownloadGone,
+    GbifAuthError,
+    GbifClient,
+    GbifError,
+    harvest,
+    query_to_predicate,
+)
 from gbif_assets.gbif.harvest import HarvestTooLarge
 from gbif_assets_tests.conftest import GBIF_TEST_PASSWORD, GBIF_TEST_USER
 
@@ -151,7 +158,7 @@ def test_harvest_pages_only_what_the_balance_needs(emulator) -> None:
         async with _client(emulator.api_url) as client:
             return await harvest(client, {"speciesKey": [2683264]}, [], 10)
 
-    records, report = asyncio.run(go())
+    _, report = asyncio.run(go())
     assert report.streams[0]["wanted"] == 35  # 10 needed x 1.5 + 20 reserve for link rot
     pages = [r for r in report.requests if r["purpose"] == "page"]
     assert len(pages) == 1 and "limit=300&offset=0" in pages[0]["params"]
@@ -173,7 +180,9 @@ def test_harvest_splits_past_the_offset_window() -> None:
             return web.Response(status=400, text="offset too large")
         n = max(0, min(limit, count - offset))
         base = int(year or 0) * 100_000
-        return web.json_response({"count": count, "results": [{"key": base + offset + i, "media": []} for i in range(n)]})
+        return web.json_response(
+            {"count": count, "results": [{"key": base + offset + i, "media": []} for i in range(n)]}
+        )
 
     async def go():
         runner, url = await _serve(handler)
@@ -190,7 +199,13 @@ def test_harvest_splits_past_the_offset_window() -> None:
 def test_harvest_refuses_what_it_cannot_reach() -> None:
     async def handler(request: web.Request) -> web.Response:
         if "facet" in request.query:
-            return web.json_response({"count": 200_000, "results": [], "facets": [{"field": "X", "counts": [{"name": "a", "count": 200_000}]}]})
+            return web.json_response(
+                {
+                    "count": 200_000,
+                    "results": [],
+                    "facets": [{"field": "X", "counts": [{"name": "a", "count": 200_000}]}],
+                }
+            )
         return web.json_response({"count": 200_000, "results": []})
 
     async def go():
@@ -201,5 +216,5 @@ def test_harvest_refuses_what_it_cannot_reach() -> None:
         finally:
             await runner.cleanup()
 
-    with pytest.raises(HarvestTooLarge, match="use `source.mode: download`"):
+    with pytest.raises(HarvestTooLarge, match=r"use `source\.mode: download`"):
         asyncio.run(go())

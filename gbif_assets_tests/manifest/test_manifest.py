@@ -13,7 +13,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gbif_assets.ingest import load_search_records, required_fields
-from gbif_assets.manifest import build_manifest, check_split_leakage, normalize_license, stream_targets
+from gbif_assets.manifest import (
+    build_manifest,
+    check_split_leakage,
+    normalize_license,
+    stream_targets,
+)
 from gbif_assets.recipe import parse_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -79,7 +84,10 @@ def _table(con: duckdb.DuckDBPyConnection, rows: list[dict]) -> None:
             "key": int(r["gbifID"]), "gbifID": r["gbifID"], "speciesKey": r["species"], "datasetKey": r["dataset"],
             "publishingOrgKey": "00000000-0000-0000-0000-000000000001",
             "license": "http://creativecommons.org/licenses/by/4.0/legalcode",
-            "media": [{"type": "StillImage", "format": "image/jpeg", "identifier": url, "license": r.get("license", "CC0_1_0")} for url in r["urls"]],
+            "media": [
+                {"type": "StillImage", "format": "image/jpeg", "identifier": url, "license": r.get("license", "CC0_1_0")}  # noqa: E501
+                for url in r["urls"]
+            ],
         }
         for r in rows
     ]  # fmt: skip
@@ -91,7 +99,14 @@ def _pool(sizes: dict[tuple[str, str], int], media: int = 1) -> list[dict]:
     for (species, dataset), size in sizes.items():
         for _ in range(size):
             n += 1
-            rows.append({"gbifID": str(n), "species": species, "dataset": dataset, "urls": [f"https://h{n % 7}.org/{n}/{m}.jpg" for m in range(media)]})
+            rows.append(
+                {
+                    "gbifID": str(n),
+                    "species": species,
+                    "dataset": dataset,
+                    "urls": [f"https://h{n % 7}.org/{n}/{m}.jpg" for m in range(media)],
+                }
+            )
     return rows
 
 
@@ -101,9 +116,14 @@ DATASET_B = "50c9509d-22c7-4a22-a47d-8c48425ef4a7"
 
 def test_balance_minus_one_gives_smallest_stream_times_streams() -> None:
     con = duckdb.connect()
-    _table(con, _pool({("1", DATASET_A): 30, ("1", DATASET_B): 12, ("2", DATASET_A): 50, ("2", DATASET_B): 20}))
+    _table(
+        con,
+        _pool({("1", DATASET_A): 30, ("1", DATASET_B): 12, ("2", DATASET_A): 50, ("2", DATASET_B): 20}),
+    )
     result = build_manifest(con, _recipe(balance__nb_samples=-1))
-    per_stream = dict(con.execute("SELECT stream, count(*) FILTER (WHERE selected) FROM media_manifest GROUP BY stream").fetchall())
+    per_stream = dict(
+        con.execute("SELECT stream, count(*) FILTER (WHERE selected) FROM media_manifest GROUP BY stream").fetchall()
+    )
     assert set(per_stream.values()) == {12}
     assert result.selected == 48
     ranks = con.execute("SELECT stream, min(rank), max(rank), count(*) FROM media_manifest GROUP BY stream").fetchall()
@@ -130,7 +150,9 @@ def test_sample_is_seeded_random_not_first_n() -> None:
     per_stream=st.one_of(st.none(), st.integers(min_value=1, max_value=400)),
     weighted=st.booleans(),
 )
-def test_stream_targets_properties(sizes: list[int], nb_samples: int | None, per_stream: int | None, weighted: bool) -> None:
+def test_stream_targets_properties(
+    sizes: list[int], nb_samples: int | None, per_stream: int | None, weighted: bool
+) -> None:
     streams = {f"s{i}": n for i, n in enumerate(sizes)}
     targets = stream_targets(streams, nb_samples, per_stream, weighted)
     cap = per_stream if per_stream is not None else float("inf")
@@ -153,8 +175,14 @@ def test_split_grouped_by_occurrence_stable_and_close_to_fractions() -> None:
     con = duckdb.connect()
     _table(con, _pool({("1", DATASET_A): 50_000, ("2", DATASET_B): 50_000}, media=2))
     build_manifest(con, _recipe(balance__nb_samples=None))
-    fractions = dict(con.execute("SELECT split, count(DISTINCT gbifID) / 100000 FROM media_manifest GROUP BY split").fetchall())
-    assert abs(fractions["train"] - 0.8) < 0.01 and abs(fractions["val"] - 0.1) < 0.01 and abs(fractions["test"] - 0.1) < 0.01
+    fractions = dict(
+        con.execute("SELECT split, count(DISTINCT gbifID) / 100000 FROM media_manifest GROUP BY split").fetchall()
+    )
+    assert (
+        abs(fractions["train"] - 0.8) < 0.01
+        and abs(fractions["val"] - 0.1) < 0.01
+        and abs(fractions["test"] - 0.1) < 0.01
+    )
     assert check_split_leakage(con) == []
     before = dict(con.execute("SELECT gbifID, split FROM media_manifest").fetchall())
     con.execute("DELETE FROM occurrences WHERE CAST(gbifID AS INTEGER) % 3 = 0")  # a refresh with fewer records
@@ -169,9 +197,19 @@ def test_filter_funnel_counts_each_removal() -> None:
     rows[0]["license"] = "All rights reserved"
     rows[1]["license"] = None
     rows[2]["urls"] = rows[3]["urls"]  # the same URL twice
-    rows.append({"gbifID": "999", "species": "1", "dataset": "00000000-0000-0000-0000-0000000000aa", "urls": ["https://h1.org/x.jpg"]})
+    rows.append(
+        {
+            "gbifID": "999",
+            "species": "1",
+            "dataset": "00000000-0000-0000-0000-0000000000aa",
+            "urls": ["https://h1.org/x.jpg"],
+        }
+    )
     _table(con, rows)
-    recipe = _recipe(filters__publishers={"deny": ["00000000-0000-0000-0000-0000000000aa"]}, filters__hosts={"deny": ["h2.org"]})
+    recipe = _recipe(
+        filters__publishers={"deny": ["00000000-0000-0000-0000-0000000000aa"]},
+        filters__hosts={"deny": ["h2.org"]},
+    )
     result = build_manifest(con, recipe)
     removed = {f["step"].split(" (")[0]: f["removed"] for f in result.funnel}
     assert removed["licence missing"] == 1
@@ -191,7 +229,9 @@ def test_occurrence_licence_fallback_only_when_allowed() -> None:
     assert build_manifest(con, _recipe()).rows == 0
     result = build_manifest(con, _recipe(filters__allow_occurrence_license=True))
     assert result.rows == 5
-    assert con.execute("SELECT DISTINCT license_source, license_id FROM media_manifest").fetchall() == [("occurrence", "CC-BY-4.0")]
+    assert con.execute("SELECT DISTINCT license_source, license_id FROM media_manifest").fetchall() == [
+        ("occurrence", "CC-BY-4.0")
+    ]
 
 
 def test_strict_host_allow_list_and_one_media_per_occurrence() -> None:
@@ -208,5 +248,5 @@ def test_missing_label_field_is_a_clear_error() -> None:
     con = duckdb.connect()
     con.register("t", pa.table({"gbifID": ["1"]}))
     con.execute("CREATE TABLE occurrences AS SELECT * FROM t")
-    with pytest.raises(ValueError, match="'speciesKey' .* is not in `occurrences`"):
+    with pytest.raises(ValueError, match=r"'speciesKey' .* is not in `occurrences`"):
         build_manifest(con, _recipe())

@@ -175,9 +175,7 @@ BAD = [
 
 
 @pytest.mark.parametrize(("case", "edit", "field", "allowed"), BAD, ids=[b[0] for b in BAD])
-def test_bad_recipe_names_file_field_and_allowed(
-    tmp_path: Path, case: str, edit, field: str, allowed: str
-) -> None:
+def test_bad_recipe_names_file_field_and_allowed(tmp_path: Path, case: str, edit, field: str, allowed: str) -> None:
     path = _write(tmp_path, edit(_base()))
     with pytest.raises(RecipeError) as info:
         load_recipe(path)
@@ -197,9 +195,7 @@ def test_download_mode_needs_exactly_one_of_query_or_predicate(tmp_path: Path) -
 def test_bad_key_in_existing_mode(tmp_path: Path) -> None:
     data = _base()
     data["source"] = {"mode": "existing", "key": "not-a-key"}
-    with pytest.raises(
-        RecipeError, match=r"source.key: 'not-a-key' is neither a GBIF download key"
-    ):
+    with pytest.raises(RecipeError, match=r"source.key: 'not-a-key' is neither a GBIF download key"):
         load_recipe(_write(tmp_path, data))
 
 
@@ -244,8 +240,6 @@ def test_licence_ids_cover_the_families() -> None:
         assert lic in LICENSE_IDS
 
 
-@pytest.mark.parametrize(
-    "expr", ["0 3 1 * *", "*/15 * * * mon-fri", "0 0 1 jan,jul *", "5 4 * * 7"]
-)
+@pytest.mark.parametrize("expr", ["0 3 1 * *", "*/15 * * * mon-fri", "0 0 1 jan,jul *", "5 4 * * 7"])
 def test_valid_cron(expr: str) -> None:
     assert validate_cron(expr) == expr

@@ -25,9 +25,7 @@ ORG_B = "e2e717bf-551a-4917-bdc9-4fa0f342c530"
 T0 = dt.datetime(2026, 11, 1, 12, 0, tzinfo=dt.UTC)
 
 
-def image_bytes(
-    color: tuple[int, int, int], size: tuple[int, int] = (48, 32), fmt: str = "JPEG"
-) -> bytes:
+def image_bytes(color: tuple[int, int, int], size: tuple[int, int] = (48, 32), fmt: str = "JPEG") -> bytes:
     """A real image: a coarse random pattern seeded by `color`, so perceptual hashes differ
     between colours and stay close for a resized copy of the same colour."""
     rng = random.Random(sum(c << (8 * i) for i, c in enumerate(color)))

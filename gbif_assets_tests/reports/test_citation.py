@@ -14,9 +14,7 @@ from conftest import DS_A, DS_B
 from gbif_assets.reports.citation import derived_dataset_request, write_citation
 
 # GBIF's answer to GET /occurrence/download/{key}/citation (recorded by pygbif), newline included.
-GBIF_TEXT = (
-    "GBIF.org (2 January 2023) GBIF Occurrence Download https://doi.org/10.15468/dl.29wbtx\n"
-)
+GBIF_TEXT = "GBIF.org (2 January 2023) GBIF Occurrence Download https://doi.org/10.15468/dl.29wbtx\n"
 # Answer of POST /derivedDataset (recorded by rgbif).
 DERIVED_ANSWER = {
     "doi": "10.15468/dd.cam6mk",
@@ -53,9 +51,7 @@ def _check_bib(path: Path) -> dict[str, str]:
 
 
 def test_download_mode_cites_the_doi_with_gbif_text(tmp_path: Path) -> None:
-    result = write_citation(
-        tmp_path, "invasive_plants", "download", "10.15468/dl.29wbtx", GBIF_TEXT
-    )
+    result = write_citation(tmp_path, "invasive_plants", "download", "10.15468/dl.29wbtx", GBIF_TEXT)
     assert result.doi == "10.15468/dl.29wbtx" and result.warnings == []
     cff = _check_cff(tmp_path / "reports" / "CITATION.cff")
     assert cff["message"] == GBIF_TEXT.strip() and cff["doi"] == "10.15468/dl.29wbtx"
@@ -75,16 +71,12 @@ def test_awkward_citation_text_stays_valid(tmp_path: Path) -> None:
 
 def test_download_without_doi_warns(tmp_path: Path) -> None:
     result = write_citation(tmp_path, "x", "existing", None, None)
-    assert result.warnings == [
-        "existing mode: no download DOI known yet; the citation names GBIF.org without a DOI"
-    ]
+    assert result.warnings == ["existing mode: no download DOI known yet; the citation names GBIF.org without a DOI"]
     assert "doi" not in _check_cff(tmp_path / "reports" / "CITATION.cff")
 
 
 def test_derived_dataset_request_counts_kept_images(merged: Path) -> None:
-    body = derived_dataset_request(
-        merged, "plants", "https://www.gbif.org/occurrence/search?taxonKey=1", "desc"
-    )
+    body = derived_dataset_request(merged, "plants", "https://www.gbif.org/occurrence/search?taxonKey=1", "desc")
     # The recorded rgbif request has exactly these keys; counts are of kept images (no duplicate).
     assert body == {
         "title": "plants",
@@ -101,9 +93,7 @@ def test_search_mode_registered_and_unregistered(merged: Path) -> None:
     assert "register the derived dataset" in pending.warnings[0]
     assert json.loads((merged / "reports" / "derived_dataset_request.json").read_text()) == body
     _check_cff(merged / "reports" / "CITATION.cff")
-    done = write_citation(
-        merged, "plants", "search", None, None, derived_request=body, derived_answer=DERIVED_ANSWER
-    )
+    done = write_citation(merged, "plants", "search", None, None, derived_request=body, derived_answer=DERIVED_ANSWER)
     assert done.doi == "10.15468/dd.cam6mk" and done.warnings == []
     cff = _check_cff(merged / "reports" / "CITATION.cff")
     assert cff["message"] == DERIVED_ANSWER["citation"] and cff["doi"] == "10.15468/dd.cam6mk"

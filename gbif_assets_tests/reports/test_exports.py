@@ -31,9 +31,7 @@ def test_hf_imagefolder_loads_every_image_with_label_and_split(
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     import datasets
 
-    ds = datasets.load_dataset(
-        "imagefolder", data_dir=str(merged / "images"), cache_dir=str(tmp_path / "hf_cache")
-    )
+    ds = datasets.load_dataset("imagefolder", data_dir=str(merged / "images"), cache_dir=str(tmp_path / "hf_cache"))
     # The `val` folder becomes HF's `validation` split.
     assert {name: ds[name].num_rows for name in ds} == {"train": 5, "validation": 2, "test": 2}
     expected = {}
@@ -50,9 +48,7 @@ def test_hf_imagefolder_loads_every_image_with_label_and_split(
 
 
 def test_hf_metadata_files(merged: Path, exported) -> None:
-    assert exported.hf_metadata_files == [
-        merged / "images" / s / "metadata.csv" for s in ("test", "train", "val")
-    ]
+    assert exported.hf_metadata_files == [merged / "images" / s / "metadata.csv" for s in ("test", "train", "val")]
     for file in exported.hf_metadata_files:
         with file.open(encoding="utf-8") as handle:
             for row in csv.DictReader(handle):

@@ -28,14 +28,9 @@ def test_valid_invalid_and_rescued_links(home: Path) -> None:
         for r in report.per_label
     }
     assert per_label == {"1001": (6, 0, 0, 0.0), "2002": (3, 3, 1, 50.0)}
-    per_host = {
-        r["host"]: (r["valid"], r["invalid"], r["link_rot_percent"]) for r in report.per_host
-    }
+    per_host = {r["host"]: (r["valid"], r["invalid"], r["link_rot_percent"]) for r in report.per_host}
     assert per_host == {"img.a.example": (5, 1, 16.7), "media.b.example": (4, 2, 33.3)}
-    per_pub = {
-        (r["datasetKey"], r["publishingOrgKey"]): (r["valid"], r["invalid"])
-        for r in report.per_publisher
-    }
+    per_pub = {(r["datasetKey"], r["publishingOrgKey"]): (r["valid"], r["invalid"]) for r in report.per_publisher}
     assert per_pub == {(DS_A, ORG_A): (5, 1), (DS_B, ORG_B): (4, 2)}
     per_error = {(r["error_class"], r["status"]): r["links"] for r in report.per_error}
     # The last publisher attempt decides the class (gbifID 11 timed out twice: one link).
@@ -53,9 +48,7 @@ def test_files_written(home: Path) -> None:
     ]
     with (reports / "link_rot_by_publisher.csv").open(encoding="utf-8") as handle:
         pubs = list(csv.DictReader(handle))
-    assert {p["datasetKey"] for p in pubs} == {DS_A, DS_B} and all(
-        p["publishingOrgKey"] for p in pubs
-    )
+    assert {p["datasetKey"] for p in pubs} == {DS_A, DS_B} and all(p["publishingOrgKey"] for p in pubs)
     for name in ("link_rot_by_host.csv", "link_rot_by_error.csv"):
         assert (reports / name).stat().st_size > 0
     md = (reports / "link_rot.md").read_text(encoding="utf-8")

@@ -73,8 +73,7 @@ def test_near_duplicates_are_flagged_not_removed(home: Path) -> None:
     result = merge_image_metadata(home)
     assert result.near_duplicates >= 1 and result.rows == 10
     flagged = {
-        r["gbifID"]: r["near_duplicate_of"]
-        for r in pq.read_table(home / "metadata" / "images.parquet").to_pylist()
+        r["gbifID"]: r["near_duplicate_of"] for r in pq.read_table(home / "metadata" / "images.parquet").to_pylist()
     }
     assert flagged["99"] == original.path
 
@@ -98,9 +97,7 @@ def test_files_match_reports_orphans_both_ways(merged: Path) -> None:
 
 
 def test_files_match_without_table(tmp_path: Path) -> None:
-    assert check_files_match(tmp_path) == [
-        f"{tmp_path / 'metadata' / 'images.parquet'} does not exist"
-    ]
+    assert check_files_match(tmp_path) == [f"{tmp_path / 'metadata' / 'images.parquet'} does not exist"]
 
 
 def test_hash_leakage_detects_a_crafted_copy_across_splits(merged: Path) -> None:

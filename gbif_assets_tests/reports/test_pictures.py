@@ -12,9 +12,7 @@ from gbif_assets.reports.pictures import THUMB, class_balance_plot, contact_shee
 
 def test_one_contact_sheet_per_label(merged: Path) -> None:
     sheets = contact_sheets(merged)
-    assert sheets == [
-        merged / "reports" / "contact_sheets" / f"{label}.png" for label in ("1001", "2002")
-    ]
+    assert sheets == [merged / "reports" / "contact_sheets" / f"{label}.png" for label in ("1001", "2002")]
     with Image.open(sheets[0]) as img:
         # label 1001 keeps 5 images: one row of 5 thumbnails under a caption strip.
         assert img.format == "PNG" and img.size == (5 * THUMB, THUMB + 20)
@@ -44,7 +42,5 @@ def test_class_balance_plot(merged: Path) -> None:
 def test_unreadable_image_is_named(merged: Path) -> None:
     victim = next((merged / "images" / "train" / "1001").glob("*.jpg"))
     victim.write_bytes(b"not an image")
-    with pytest.raises(
-        ValueError, match=f"contact sheet: cannot read {victim.relative_to(merged).as_posix()}"
-    ):
+    with pytest.raises(ValueError, match=f"contact sheet: cannot read {victim.relative_to(merged).as_posix()}"):
         contact_sheets(merged)
