@@ -375,6 +375,7 @@ def download_images(recipe: Recipe, settings: Settings, home: Path, label: str, 
         home,
         fetch_config(recipe, settings),
         (lambda p: report(p.as_dict())) if report else None,
+        vanished=recipe.refresh_vanished,
     )
 
 

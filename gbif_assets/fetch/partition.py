@@ -67,6 +67,9 @@ class LabelFetchResult:
     images_per_second: float
     log_path: Path
     kept_path: Path
+    vanished: int = 0
+    vanished_policy: str = "keep"
+    surplus_removed: int = 0
     notes: list[str] = field(default_factory=list)
 
     def figures(self) -> dict[str, Any]:
@@ -113,8 +116,14 @@ def download_label(
     home: Path,
     config: FetchConfig,
     progress: Callable[[Progress], None] | None = None,
+    vanished: str = "keep",
 ) -> LabelFetchResult:
-    """Fetch one label to quota; see the module docstring for what it writes."""
+    """Fetch one label to quota; see the module docstring for what it writes.
+
+    After a refresh, files whose media left the manifest are `vanished`: kept with their old
+    row (`vanished="keep"`) or deleted (`"remove"`). Files beyond a stream's target (the balance
+    shrank) are deleted, so the set stays balanced and every file keeps a row.
+    """
     started = time.monotonic()
     if not manifest_parquet.exists():
         raise FileNotFoundError(f"{manifest_parquet} not found: materialize `media_manifest` first")
@@ -184,6 +193,7 @@ def download_label(
                     outcome.fetched_at,
                 )
             )
+    gone, surplus = _reconcile(home, folder, rows, kept, previous, vanished)
     attempts = _read_rows(log_path) + engine.attempts
     _write_parquet(pa.Table.from_pylist(attempts, schema=ATTEMPT_SCHEMA), log_path)
     _write_parquet(pa.Table.from_pylist(kept, schema=KEPT_SCHEMA), kept_path)
@@ -210,8 +220,42 @@ def download_label(
         images_per_second=round(fetched / seconds, 1) if seconds else 0.0,
         log_path=log_path,
         kept_path=kept_path,
-        notes=[f"{len(shortfall)} stream(s) short of target: candidates ran out"] if shortfall else [],
+        vanished=gone,
+        vanished_policy=vanished,
+        surplus_removed=surplus,
+        notes=([f"{len(shortfall)} stream(s) short of target: candidates ran out"] if shortfall else [])
+        + ([f"{gone} file(s) whose media left GBIF or the filters: {vanished}"] if gone else []),
     )
+
+
+def _reconcile(
+    home: Path,
+    folder: str,
+    rows: list[dict[str, Any]],
+    kept: list[dict[str, Any]],
+    previous: dict[str, dict[str, Any]],
+    vanished: str,
+) -> tuple[int, int]:
+    """Files on disk that are not kept: vanished media (policy) or surplus (removed)."""
+    in_manifest = {r["url_sha1"] for r in rows}
+    kept_paths = {r["path"] for r in kept}
+    gone = surplus = 0
+    for split in ("train", "val", "test"):
+        for path in (home / "images" / split / folder).glob("*.*"):
+            rel = path.relative_to(home).as_posix()
+            if path.name.startswith(".") or path.name == "metadata.csv" or rel in kept_paths:
+                continue
+            sha1 = path.name.split(".", 1)[0]
+            if sha1 in in_manifest:
+                path.unlink()
+                surplus += 1
+                continue
+            gone += 1
+            if vanished == "keep" and sha1 in previous:
+                kept.append(previous[sha1])
+            else:
+                path.unlink()
+    return gone, surplus
 
 
 def _kept_row(row: dict[str, Any], label: str, path: Path, home: Path, sha256: str | None, width: int, height: int,

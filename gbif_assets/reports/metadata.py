@@ -60,7 +60,9 @@ def merged_select(home: Path) -> str:
     manifest = manifest_path.as_posix()
     present = set(pq.read_schema(manifest_path).names)
     extra = "".join(f', m."{c}"' for c in TAXON_COLUMNS if c in present)
-    return f"""
+    previous = home / "metadata" / "images.parquet"
+    if not previous.exists():
+        return f"""
         SELECT k.path, k.split, k.label, k."gbifID", m."datasetKey", m."publishingOrgKey", k.url,
                m."references", m.license_id AS license, m."license" AS license_raw,
                m."rightsHolder",
@@ -68,6 +70,21 @@ def merged_select(home: Path) -> str:
                k.source, m.license_source, m.title, k.stream, k.rank, k.mime{extra}
         FROM read_parquet({parts}, union_by_name = true) k
         LEFT JOIN read_parquet('{manifest}') m ON m.url_sha1 = k.url_sha1 AND m.label = k.label
+    """
+    # images whose media left GBIF after a refresh (kept by policy) keep their earlier metadata
+    extra_p = "".join(f', coalesce(m."{c}", p."{c}") AS "{c}"' for c in TAXON_COLUMNS if c in present)
+    return f"""
+        SELECT k.path, k.split, k.label, k."gbifID", coalesce(m."datasetKey", p."datasetKey") AS "datasetKey",
+               coalesce(m."publishingOrgKey", p."publishingOrgKey") AS "publishingOrgKey", k.url,
+               coalesce(m."references", p."references") AS "references",
+               coalesce(m.license_id, p.license) AS license, coalesce(m."license", p.license_raw) AS license_raw,
+               coalesce(m."rightsHolder", p."rightsHolder") AS "rightsHolder",
+               coalesce(m.creator, p.creator) AS creator, k.sha256, k.width, k.height, k.bytes, k.fetched_at,
+               k.source, coalesce(m.license_source, p.license_source) AS license_source,
+               coalesce(m.title, p.title) AS title, k.stream, k.rank, k.mime{extra_p}
+        FROM read_parquet({parts}, union_by_name = true) k
+        LEFT JOIN read_parquet('{manifest}') m ON m.url_sha1 = k.url_sha1 AND m.label = k.label
+        LEFT JOIN read_parquet('{previous.as_posix()}') p ON p.path = k.path
     """
 
 

@@ -1,0 +1,66 @@
+"""A refresh against a changed GBIF: only new media are fetched, splits never move, vanished
+records are reported and kept (or removed) as the recipe says."""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from gbif_assets.build import BuildOptions, run_build
+from gbif_assets.recipe import load_recipe
+from gbif_assets_tests.conftest import copy_recipe
+
+
+@pytest.mark.parametrize("policy", ["keep", "remove"])
+def test_refresh_is_incremental_and_stable(gbif_env: Path, emulator, policy: str) -> None:
+    path = copy_recipe("invasive_plants", gbif_env / "datasets", name=f"refresh_{policy}")
+    path.write_text(path.read_text() + f"refresh_vanished: {policy}\n")
+    recipe = load_recipe(path)
+    home = gbif_env / "data" / recipe.name
+    assert run_build(recipe, BuildOptions()) == 0
+    first = {r["path"]: r for r in pq.read_table(home / "metadata" / "images.parquet").to_pylist()}
+    mtimes = {p: (home / p).stat().st_mtime_ns for p in first}
+
+    # GBIF changes: a few kept occurrences disappear, new ones with images arrive
+    leaving = sorted({r["gbifID"] for r in first.values() if r["label"] == "5352251"})[:3]
+    removed = [copy.deepcopy(emulator.pool.get(g)) for g in leaving]
+    template = next(r for r in emulator.pool.records() if r.get("speciesKey") == 5352251 and r.get("media"))
+    ok_base = emulator.image_hosts.base_urls["ok"]
+    added = []
+    for i in range(6):
+        record = copy.deepcopy(template)
+        record["key"] = 9_900_000_000 + i
+        record["gbifID"] = str(record["key"])
+        record["media"] = [
+            {**template["media"][0], "identifier": f"{ok_base}/refresh/{policy}/{i}.jpg", "license": "CC0_1_0"}
+        ]
+        record["media"][0].pop("original_identifier", None)
+        added.append(record)
+    emulator.pool.remove(leaving)
+    emulator.pool.add(added)
+    second_started = dt.datetime.now(dt.UTC)
+    try:
+        assert run_build(recipe, BuildOptions()) == 0
+    finally:
+        emulator.pool.remove([r["gbifID"] for r in added])
+        emulator.pool.add(removed)
+
+    second = {r["path"]: r for r in pq.read_table(home / "metadata" / "images.parquet").to_pylist()}
+    vanished_paths = [p for p, r in first.items() if r["gbifID"] in leaving]
+    assert vanished_paths
+    for path_, row in first.items():
+        if path_ in second:
+            assert second[path_]["split"] == row["split"]  # split assignments never change
+            assert (home / path_).stat().st_mtime_ns == mtimes[path_]  # not fetched again
+    for path_ in vanished_paths:
+        assert (path_ in second) == (policy == "keep")
+        assert (home / path_).exists() == (policy == "keep")
+    log = pq.read_table(home / "metadata" / "downloads" / "5352251.parquet").to_pylist()
+    refetched = [a for a in log if a["fetched_at"] >= second_started and a["url"] in {r["url"] for r in first.values()}]
+    assert refetched == []  # the refresh downloaded nothing it already had
+    new_urls = {r["media"][0]["identifier"] for r in added}
+    assert {a["url"] for a in log if a["fetched_at"] >= second_started} <= new_urls
