@@ -113,6 +113,18 @@ def ours(urls: list[str], out: Path) -> None:
     asyncio.run(FetchEngine(config).run({"s": (cands, len(cands))}))
 
 
+PEER_TIMEOUT_S = 180
+STALLED: set[str] = set()
+
+
+def _peer(cmd: list[str], env: dict[str, str] | None = None) -> None:
+    """A peer gets PEER_TIMEOUT_S; past it, it is recorded as stalled (gbif-dl has no timeouts)."""
+    try:
+        subprocess.run(cmd, check=False, timeout=PEER_TIMEOUT_S, capture_output=True, env=env)
+    except subprocess.TimeoutExpired:
+        STALLED.add("img2dataset" if "img2dataset" in cmd[0] else "gbif-dl")
+
+
 def gbif_dl(urls: list[str], out: Path) -> None:
     listing = WORK / "urls.txt"
     listing.write_text("\n".join(urls))
@@ -121,7 +133,7 @@ def gbif_dl(urls: list[str], out: Path) -> None:
         f"download(items={str(listing)!r}, root={str(out)!r}, tcp_connections={CONCURRENCY}, nb_workers={CONCURRENCY}, "
         "loglevel='CRITICAL', retries=1)\n"
     )
-    subprocess.run([str(PEER_PY), "-c", code], check=False, timeout=3600, capture_output=True)
+    _peer([str(PEER_PY), "-c", code])
 
 
 def img2dataset(urls: list[str], out: Path) -> None:
@@ -134,13 +146,7 @@ def img2dataset(urls: list[str], out: Path) -> None:
         "--disable_all_reencoding", "True", "--enable_wandb", "False", "--distributor", "multiprocessing",
         "--number_sample_per_shard", "100000",
     ]  # fmt: skip
-    subprocess.run(
-        cmd,
-        check=False,
-        timeout=3600,
-        capture_output=True,
-        env={"NO_ALBUMENTATIONS_UPDATE": "1", "PATH": "/usr/bin:/bin"},
-    )
+    _peer(cmd, env={"NO_ALBUMENTATIONS_UPDATE": "1", "PATH": "/usr/bin:/bin"})
 
 
 TOOLS = {
@@ -179,14 +185,17 @@ def main() -> None:
             TOOLS[tool](urls, out)
             seconds = time.monotonic() - started
             images = count_images(out)
+            stalled = tool in STALLED
             results[tool] = {
                 "seconds": round(seconds, 2),
                 "images": images,
                 "images_per_s": round(images / seconds, 1),
                 "live": live,
+                "stalled": stalled,
             }
+            note = f"  STALLED: killed after {PEER_TIMEOUT_S} s" if stalled else ""
             print(
-                f"{tool:<12} {images:>6}/{live} live images in {seconds:7.2f} s = {images / seconds:8.1f} img/s",
+                f"{tool:<12} {images:>6}/{live} live images in {seconds:7.2f} s = {images / seconds:8.1f} img/s{note}",
                 flush=True,
             )
     finally:
