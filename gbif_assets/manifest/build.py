@@ -16,7 +16,7 @@ Sampling equations. Streams s = 1..S are the distinct value combinations of
     * weighted: t_s = min(n_s, c, floor(N * n_s / sum n)) and the remainder goes by largest
       fractional part.
 - neither: t_s = n_s (everything).
-Inside a stream, candidates are ranked by md5(seed:url) (seeded, machine-independent); the first
+Inside a stream, candidates are ranked by md5_number(seed:url) (seeded, machine-independent); the first
 t_s ranks are `selected`, the rest are the reserve the downloader uses, in rank order, to replace
 dead links from the same stream.
 Split: u = (md5_number(seed:split:gbifID) mod 10^9) / 10^9; train when u < f_train, val when
@@ -114,12 +114,14 @@ def build_manifest(con: duckdb.DuckDBPyConnection, recipe: Any, source: str = "o
     types = _in_list([x.lower() for x in f.media_types])
     host_expr = "lower(regexp_extract(identifier, '^[A-Za-z][A-Za-z0-9+.-]*://(?:[^@/]*@)?([^/:?#]+)', 1))"
     fallback = "TRUE" if f.allow_occurrence_license else "FALSE"
+    stream_parts = [f"'{s}=' || coalesce(CAST({quote(s)} AS VARCHAR), '')" for s in b.split_streams_by]
+    stream_expr = " || '|' || ".join(stream_parts) if stream_parts else "'(all)'"
     con.execute(
         f"""
         CREATE OR REPLACE TEMP TABLE candidates AS
         SELECT o.*,
-               row_number() OVER () AS cid,
                CAST({label} AS VARCHAR) AS label,
+               {stream_expr} AS stream,
                CASE WHEN lm.license_id IS NOT NULL THEN lm.license_id
                     WHEN {fallback} THEN lo.license_id END AS license_id,
                CASE WHEN lm.license_id IS NOT NULL THEN 'media'
@@ -175,18 +177,14 @@ def build_manifest(con: duckdb.DuckDBPyConnection, recipe: Any, source: str = "o
         step("host denied", f"NOT ({cond})")
     step(
         "identical URL kept once",
-        f"cid IN (SELECT arg_min(cid, md5('{seed}:' || gbifID || ':' || media_index))"
+        f"rowid IN (SELECT arg_min(rowid, md5('{seed}:' || gbifID || ':' || media_index))"
         " FROM candidates GROUP BY identifier)",
     )
     if f.one_media_per_occurrence:
         step(
             "one media per occurrence",
-            f"cid IN (SELECT arg_min(cid, md5('{seed}:' || identifier)) FROM candidates GROUP BY gbifID)",
+            f"rowid IN (SELECT arg_min(rowid, md5('{seed}:' || identifier)) FROM candidates GROUP BY gbifID)",
         )
-    stream_parts = [f"'{s}=' || coalesce(CAST({quote(s)} AS VARCHAR), '')" for s in b.split_streams_by]
-    stream_expr = " || '|' || ".join(stream_parts) if stream_parts else "'(all)'"
-    con.execute("ALTER TABLE candidates ADD COLUMN stream VARCHAR")
-    con.execute(f"UPDATE candidates SET stream = {stream_expr}")
     sizes = dict(con.execute("SELECT stream, count(*) FROM candidates GROUP BY stream").fetchall())
     targets = stream_targets(sizes, b.nb_samples, b.nb_samples_per_stream, b.weighted_streams)
     con.execute("CREATE OR REPLACE TEMP TABLE stream_targets (stream VARCHAR, target INTEGER)")
@@ -195,9 +193,9 @@ def build_manifest(con: duckdb.DuckDBPyConnection, recipe: Any, source: str = "o
     sp = recipe.split
     select = f"""
         WITH ranked AS (
-            SELECT c.* EXCLUDE (fmt, mtype, cid),
+            SELECT c.* EXCLUDE (fmt, mtype),
                    CAST(row_number() OVER (PARTITION BY c.stream
-                                           ORDER BY md5('{seed}:' || c.identifier)) AS INTEGER) AS rank,
+                                           ORDER BY md5_number('{seed}:' || c.identifier)) AS INTEGER) AS rank,
                    md5_number('{seed}:split:' || c.gbifID) % 1000000000 / 1e9 AS u
             FROM candidates c
         ), marked AS (
@@ -207,11 +205,11 @@ def build_manifest(con: duckdb.DuckDBPyConnection, recipe: Any, source: str = "o
                    CASE WHEN r.u < {sp.train} THEN 'train'
                         WHEN r.u < {sp.train + sp.val} THEN 'val' ELSE 'test' END AS split
             FROM ranked r JOIN stream_targets t USING (stream)
+        ), targets AS (
+            SELECT stream, label, CAST(count(*) FILTER (WHERE selected) AS INTEGER) AS stream_target
+            FROM marked GROUP BY stream, label
         )
-        SELECT m.*,
-               CAST(count(*) FILTER (WHERE m.selected)
-                    OVER (PARTITION BY m.stream, m.label) AS INTEGER) AS stream_target
-        FROM marked m
+        SELECT m.*, t.stream_target FROM marked m JOIN targets t USING (stream, label)
     """
     rows = replace_table(con, "media_manifest", select)
     per_label = [
