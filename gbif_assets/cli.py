@@ -17,15 +17,6 @@ from pathlib import Path
 
 from gbif_assets.recipe import Recipe, RecipeError, load_recipe
 
-UPSTREAM = ("download_request", "occurrence_archive", "occurrences", "media_manifest")
-DOWNSTREAM = (
-    "image_metadata",
-    "license_report",
-    "attribution",
-    "citation",
-    "link_rot_report",
-    "exports",
-)
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
