@@ -18,7 +18,6 @@ from pathlib import Path
 from gbif_assets.recipe import Recipe, RecipeError, load_recipe
 
 
-
 def _cmd_validate(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe)
     mode, label = recipe.source.mode, recipe.label
