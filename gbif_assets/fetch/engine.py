@@ -33,7 +33,7 @@ from gbif_assets.fetch.safety import (
     host_literal_allowed,
     sniff,
 )
-from gbif_assets.fetch.verify import Verified, verify_image
+from gbif_assets.fetch.verify import Verified, die_with_parent, verify_image
 from gbif_assets.gbif.client import retry_after_seconds
 
 log = logging.getLogger(__name__)
@@ -228,7 +228,7 @@ class FetchEngine:
         """Image checks off the event loop: a worker process uses the second core (measured
         faster than threads, which fight the loop for the GIL); threads when processes are off."""
         if self.config.verify_processes:
-            return ProcessPoolExecutor(max_workers=self.config.verify_workers)
+            return ProcessPoolExecutor(max_workers=self.config.verify_workers, initializer=die_with_parent)
         return ThreadPoolExecutor(max_workers=self.config.verify_workers, thread_name_prefix="verify")
 
     async def _report_loop(self) -> None:

@@ -7,8 +7,11 @@ hashes exactly the bytes that will be kept.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
+import signal
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +19,14 @@ from PIL import Image
 
 PIL_FORMATS = {"JPEG": ("image/jpeg", "jpg"), "PNG": ("image/png", "png"), "GIF": ("image/gif", "gif"),
                "WEBP": ("image/webp", "webp"), "TIFF": ("image/tiff", "tif")}  # fmt: skip
+
+
+def die_with_parent() -> None:
+    """Worker initializer: on Linux, ask the kernel to kill this worker when its parent dies, so a
+    `kill -9` of a build leaves no orphaned verification processes behind."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 @dataclass(frozen=True)

@@ -159,6 +159,13 @@ def _manifest(path: Path, base: str, n: int, label: str = "L1") -> Path:
     return path
 
 
+def _cmdline(proc: Path) -> str:
+    try:
+        return (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
 def test_kill_dash_nine_then_resume(hosts: ImageHosts, tmp_path: Path) -> None:
     home = tmp_path / "home"
     manifest = _manifest(tmp_path / "manifest.parquet", hosts.base_urls["slow"], 40)
@@ -169,6 +176,9 @@ def test_kill_dash_nine_then_resume(hosts: ImageHosts, tmp_path: Path) -> None:
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    time.sleep(0.5)
+    orphans = [p for p in Path("/proc").glob("[0-9]*") if _cmdline(p).endswith(f"{home}")]
+    assert orphans == []  # the verification workers died with their parent
     finished = {p: p.stat().st_mtime_ns for p in home.glob("images/*/L1/*.jpg")}
     assert 8 <= len(finished) < 40
     for path in finished:  # every file at a final path is a whole, valid image
