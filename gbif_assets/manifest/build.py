@@ -70,12 +70,12 @@ def stream_targets(
         raw = {s: total * n / whole for s, n in sizes.items()}
         targets = {s: int(min(limited[s], math.floor(raw[s]))) for s in sizes}
         left = total - sum(targets.values())
-        for s in sorted(sizes, key=lambda s: (-(raw[s] - math.floor(raw[s])), s)):
-            if left <= 0:
-                break
-            if targets[s] < limited[s]:
+        order = sorted(sizes, key=lambda s: (-(raw[s] - math.floor(raw[s])), s))
+        while left > 0:  # largest fractional parts first; capped streams pass their share on
+            open_streams = [s for s in order if targets[s] < limited[s]]
+            for s in open_streams[:left]:
                 targets[s] += 1
-                left -= 1
+            left -= len(open_streams[:left])
         return targets
     low, high = 0, max(limited.values())
     while low < high:  # largest level q with sum min(limited, q) <= total

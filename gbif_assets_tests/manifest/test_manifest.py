@@ -143,7 +143,7 @@ def test_sample_is_seeded_random_not_first_n() -> None:
     assert chosen != {r[0] for r in con.execute("SELECT gbifID FROM media_manifest WHERE selected").fetchall()}
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(
     sizes=st.lists(st.integers(min_value=0, max_value=500), min_size=1, max_size=8),
     nb_samples=st.one_of(st.none(), st.just(-1), st.integers(min_value=1, max_value=3000)),
