@@ -24,6 +24,7 @@ from gbif_assets.emulator.imagehosts import image_bytes
 from gbif_assets.emulator.pool import OccurrencePool, facet_counts
 
 JSON = "application/json"
+STATE: web.AppKey[GbifEmulator] = web.AppKey("state")
 MAX_LIMIT = 300
 MAX_OFFSET_WINDOW = 100_000
 RESERVED = {
@@ -216,7 +217,7 @@ def _find(state: GbifEmulator, ident: str) -> Download | None:
 
 
 async def search(request: web.Request) -> web.Response:
-    state: GbifEmulator = request.app["state"]
+    state: GbifEmulator = request.app[STATE]
     state.search_requests.append(request.query_string)
     state._search_count += 1
     config = state.config
@@ -277,7 +278,7 @@ def _public(record: dict[str, Any]) -> dict[str, Any]:
 
 
 async def occurrence(request: web.Request) -> web.Response:
-    state: GbifEmulator = request.app["state"]
+    state: GbifEmulator = request.app[STATE]
     record = state.pool.get(request.match_info["key"])
     if record is None:
         return text_response("Occurrence not found", 404)
@@ -285,7 +286,7 @@ async def occurrence(request: web.Request) -> web.Response:
 
 
 async def request_download(request: web.Request) -> web.Response:
-    state: GbifEmulator = request.app["state"]
+    state: GbifEmulator = request.app[STATE]
     user = _auth_user(request, state)
     if isinstance(user, web.Response):
         return user
@@ -331,7 +332,7 @@ async def request_download(request: web.Request) -> web.Response:
 
 
 async def download_status(request: web.Request) -> web.Response:
-    state: GbifEmulator = request.app["state"]
+    state: GbifEmulator = request.app[STATE]
     ident = request.match_info["ident"]
     download = _find(state, ident)
     if download is None:
@@ -340,7 +341,7 @@ async def download_status(request: web.Request) -> web.Response:
 
 
 async def cancel_download(request: web.Request) -> web.Response:
-    state: GbifEmulator = request.app["state"]
+    state: GbifEmulator = request.app[STATE]
     user = _auth_user(request, state)
     if isinstance(user, web.Response):
         return user
@@ -352,7 +353,7 @@ async def cancel_download(request: web.Request) -> web.Response:
 
 
 async def download_file(request: web.Request) -> web.Response:
-    state: GbifEmulator = request.app["state"]
+    state: GbifEmulator = request.app[STATE]
     download = state.downloads.get(request.match_info["key"])
     if download is None:
         return text_response("Download was not found", 404)
@@ -366,7 +367,7 @@ async def download_file(request: web.Request) -> web.Response:
 
 
 async def serve_file(request: web.Request) -> web.StreamResponse:
-    state: GbifEmulator = request.app["state"]
+    state: GbifEmulator = request.app[STATE]
     download = state.downloads.get(request.match_info["key"])
     if download is None or download.path is None or state.status_of(download) == "FILE_ERASED":
         return text_response("Not Found", 404)
@@ -404,7 +405,7 @@ async def serve_file(request: web.Request) -> web.StreamResponse:
 
 
 async def citation(request: web.Request) -> web.Response:
-    state: GbifEmulator = request.app["state"]
+    state: GbifEmulator = request.app[STATE]
     download = _find(state, request.match_info["ident"])
     if download is None:
         return text_response("Download was not found", 404)
@@ -414,7 +415,7 @@ async def citation(request: web.Request) -> web.Response:
 
 
 async def download_datasets(request: web.Request) -> web.Response:
-    state: GbifEmulator = request.app["state"]
+    state: GbifEmulator = request.app[STATE]
     download = _find(state, request.match_info["ident"])
     if download is None:
         return text_response("Download was not found", 404)
@@ -444,7 +445,7 @@ async def download_datasets(request: web.Request) -> web.Response:
 
 
 async def derived_dataset(request: web.Request) -> web.Response:
-    state: GbifEmulator = request.app["state"]
+    state: GbifEmulator = request.app[STATE]
     user = _auth_user(request, state)
     if isinstance(user, web.Response):
         return user
@@ -476,7 +477,7 @@ async def derived_dataset(request: web.Request) -> web.Response:
 
 
 async def image_cache(request: web.Request) -> web.Response:
-    state: GbifEmulator = request.app["state"]
+    state: GbifEmulator = request.app[STATE]
     identifier = state.pool.media_identifier(request.match_info["gbif_id"], request.match_info["md5"])
     if identifier is None:
         return text_response("Not Found", 404)
@@ -484,7 +485,7 @@ async def image_cache(request: web.Request) -> web.Response:
 
 
 async def admin_status(request: web.Request) -> web.Response:
-    state: GbifEmulator = request.app["state"]
+    state: GbifEmulator = request.app[STATE]
     body = await request.json()
     if request.match_info["key"] not in state.downloads:
         return text_response("Download was not found", 404)
@@ -496,7 +497,7 @@ async def admin_status(request: web.Request) -> web.Response:
 
 
 async def admin_pool(request: web.Request) -> web.Response:
-    state: GbifEmulator = request.app["state"]
+    state: GbifEmulator = request.app[STATE]
     body = await request.json()
     added = state.pool.add(body.get("add", []))
     removed = state.pool.remove(body.get("remove", []))
@@ -506,7 +507,7 @@ async def admin_pool(request: web.Request) -> web.Response:
 def make_app(state: GbifEmulator) -> web.Application:
     """The aiohttp application; the image hosts run as separate servers."""
     app = web.Application()
-    app["state"] = state
+    app[STATE] = state
     app.router.add_get("/v1/occurrence/search", search)
     app.router.add_get("/v1/occurrence/{key:\\d+}", occurrence)
     app.router.add_post("/v1/occurrence/download/request", request_download)
