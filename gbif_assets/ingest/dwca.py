@@ -198,15 +198,19 @@ def load_archive(
     return result
 
 
+def _wanted(fields: list[str]) -> list[tuple[str, str]]:
+    """(output column, archive term) of every occurrence column the table needs."""
+    return [("occurrence_license", "license"), *[(f, f) for f in OCCURRENCE_FIELDS], *[(f, f) for f in fields]]
+
+
+def _wanted_terms(fields: list[str]) -> list[str]:
+    return [term for _, term in _wanted(fields)]
+
+
 def _occurrence_select(core: FileSpec, fields: list[str]) -> tuple[list[str], list[str]]:
     """SELECT expressions for the occurrence columns, and the ones the archive lacks."""
     exprs, missing = [], []
-    wanted = [
-        ("occurrence_license", "license"),
-        *[(f, f) for f in OCCURRENCE_FIELDS],
-        *[(f, f) for f in fields],
-    ]
-    for out_name, term in wanted:
+    for out_name, term in _wanted(fields):
         index = core.index_of(term)
         if index is None:
             missing.append(term)
@@ -239,8 +243,14 @@ def _load_dwca(
     occ_source = _csv(core_path, core, _header_width(core_path, core))
     notes: list[str] = []
     occ_exprs, missing = _occurrence_select(core, fields)
+    # stage only the columns we use: a GBIF occurrence.txt has ~250, we need ~25
+    used = (
+        ", ".join(f"c{i}" for i in sorted({core.index_of(t) for t in _wanted_terms(fields)} - {None}))
+        or "NULL AS c_none"
+    )
     con.execute(
-        f"CREATE OR REPLACE TEMP TABLE occ_stage AS SELECT NULLIF(c{core.id_index}, '') AS gbifID, * FROM {occ_source}"
+        f"CREATE OR REPLACE TEMP TABLE occ_stage AS "
+        f"SELECT NULLIF(c{core.id_index}, '') AS gbifID, {used} FROM {occ_source}"
     )
     skipped = {f"occurrence_{k}": v for k, v in _rejects(con).items()}
     occurrences = con.execute("SELECT count(*) FROM occ_stage").fetchone()[0]
@@ -252,8 +262,10 @@ def _load_dwca(
         media_path = _extract(archive, media_spec.location, scratch, origin)
         _check_header(media_path, media_spec, origin)
         width = _header_width(media_path, media_spec)
+        media_used = ", ".join(f"c{i}" for i in sorted({media_spec.index_of(c) for c in MEDIA_COLUMNS} - {None}))
         media_select = (
-            f"SELECT NULLIF(c{media_spec.id_index}, '') AS gbifID, * FROM {_csv(media_path, media_spec, width)}"
+            f"SELECT NULLIF(c{media_spec.id_index}, '') AS gbifID, {media_used or 'NULL AS c_none'} "
+            f"FROM {_csv(media_path, media_spec, width)}"
         )
         media_exprs = []
         for name in MEDIA_COLUMNS:
