@@ -285,15 +285,23 @@ async def occurrence(request: web.Request) -> web.Response:
     return json_response(_public(record))
 
 
-async def request_download(request: web.Request) -> web.Response:
-    state: GbifEmulator = request.app[STATE]
-    user = _auth_user(request, state)
+async def _authed_json(request: web.Request) -> tuple[str, Any] | web.Response:
+    """(user, JSON body) of a Basic-auth POST, or GBIF's 401/400 answer."""
+    user = _auth_user(request, request.app[STATE])
     if isinstance(user, web.Response):
         return user
     try:
-        body = await request.json()
+        return user, await request.json()
     except (json.JSONDecodeError, UnicodeDecodeError):
         return text_response("Request body is not valid JSON", 400)
+
+
+async def request_download(request: web.Request) -> web.Response:
+    state: GbifEmulator = request.app[STATE]
+    authed = await _authed_json(request)
+    if isinstance(authed, web.Response):
+        return authed
+    user, body = authed
     if not isinstance(body, dict):
         return text_response("Request body must be a JSON object", 400)
     unknown = sorted(set(body) - ACCEPTED_REQUEST_KEYS)
@@ -446,13 +454,12 @@ async def download_datasets(request: web.Request) -> web.Response:
 
 async def derived_dataset(request: web.Request) -> web.Response:
     state: GbifEmulator = request.app[STATE]
-    user = _auth_user(request, state)
-    if isinstance(user, web.Response):
-        return user
-    try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return text_response("Request body is not valid JSON", 400)
+    authed = await _authed_json(request)
+    if isinstance(authed, web.Response):
+        return authed
+    user, body = authed
+    if not isinstance(body, dict):
+        return text_response("Request body must be a JSON object", 400)
     missing = [k for k in ("title", "sourceUrl", "relatedDatasets") if not body.get(k)]
     if missing:
         return text_response(f"Missing required field(s): {', '.join(missing)}", 400)
