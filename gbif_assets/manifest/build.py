@@ -192,12 +192,15 @@ def build_manifest(con: duckdb.DuckDBPyConnection, recipe: Any, source: str = "o
         con.executemany("INSERT INTO stream_targets VALUES (?, ?)", list(targets.items()))
     sp = recipe.split
     select = f"""
-        WITH ranked AS (
-            SELECT c.* EXCLUDE (fmt, mtype),
-                   CAST(row_number() OVER (PARTITION BY c.stream
-                                           ORDER BY md5_number('{seed}:' || c.identifier)) AS INTEGER) AS rank,
+        WITH keys AS (  -- rank on a narrow projection: sorting whole rows is what costs
+            SELECT rowid AS rid,
+                   CAST(row_number() OVER (PARTITION BY stream
+                                           ORDER BY md5_number('{seed}:' || identifier)) AS INTEGER) AS rank
+            FROM candidates
+        ), ranked AS (
+            SELECT c.* EXCLUDE (fmt, mtype), k.rank,
                    md5_number('{seed}:split:' || c.gbifID) % 1000000000 / 1e9 AS u
-            FROM candidates c
+            FROM candidates c JOIN keys k ON c.rowid = k.rid
         ), marked AS (
             SELECT r.* EXCLUDE (u),
                    sha1(r.identifier) AS url_sha1,
