@@ -55,6 +55,15 @@ def open_warehouse(home: Path, read_only: bool = False) -> duckdb.DuckDBPyConnec
     con = duckdb.connect(str(path), read_only=read_only)
     con.execute("SET threads = 2")
     con.execute("SET preserve_insertion_order = false")
+    # DuckDB takes 80% of RAM by default; a bounded budget spills to disk instead (8M-row manifest: 1.6 GB RSS)
+    con.execute(f"SET memory_limit = '{os.environ.get('GBIF_ASSETS_DUCKDB_MEMORY', '1500MB')}'")
+    if not read_only:
+        con.execute(f"SET temp_directory = '{(home / '.duckdb_tmp').as_posix()}'")
+    manifest = home / "metadata" / "manifest.parquet"
+    if not read_only and manifest.exists():  # the view holds an absolute path: follow a moved home
+        from gbif_assets.manifest import point_manifest_view
+
+        point_manifest_view(con, manifest)
     return con
 
 
@@ -287,15 +296,14 @@ def load_occurrences(recipe: Recipe, settings: Settings, home: Path) -> Occurren
 
 def build_media_manifest(recipe: Recipe, home: Path):
     """Filters, balance and split in DuckDB; exports the Parquet the image partitions read."""
-    from gbif_assets.manifest import build_manifest, class_distribution_plot, export_manifest
+    from gbif_assets.manifest import build_manifest, class_distribution_plot
 
     con = open_warehouse(home)
     try:
         tables = {r[0] for r in con.execute("SHOW TABLES").fetchall()}
         if "occurrences" not in tables:
             raise StepError("table `occurrences` is missing: materialize `occurrences` first")
-        result = build_manifest(con, recipe)
-        export_manifest(con, home / "metadata" / "manifest.parquet")
+        result = build_manifest(con, recipe, home / "metadata" / "manifest.parquet")
     finally:
         con.close()
     if result.per_label:

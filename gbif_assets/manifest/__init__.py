@@ -5,7 +5,7 @@ from gbif_assets.manifest.build import (
     build_manifest,
     check_split_leakage,
     class_distribution_plot,
-    export_manifest,
+    point_manifest_view,
     stream_targets,
 )
 from gbif_assets.manifest.licenses import license_url, normalize_license
@@ -15,8 +15,8 @@ __all__ = [
     "build_manifest",
     "check_split_leakage",
     "class_distribution_plot",
-    "export_manifest",
     "license_url",
     "normalize_license",
+    "point_manifest_view",
     "stream_targets",
 ]

@@ -19,6 +19,7 @@ from gbif_assets.manifest import (
     normalize_license,
     stream_targets,
 )
+from gbif_assets.manifest.build import _md5_mod
 from gbif_assets.recipe import parse_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -114,13 +115,13 @@ DATASET_A = "7a3679ef-5582-4aaa-81f0-8c2545cafc81"
 DATASET_B = "50c9509d-22c7-4a22-a47d-8c48425ef4a7"
 
 
-def test_balance_minus_one_gives_smallest_stream_times_streams() -> None:
+def test_balance_minus_one_gives_smallest_stream_times_streams(tmp_path: Path) -> None:
     con = duckdb.connect()
     _table(
         con,
         _pool({("1", DATASET_A): 30, ("1", DATASET_B): 12, ("2", DATASET_A): 50, ("2", DATASET_B): 20}),
     )
-    result = build_manifest(con, _recipe(balance__nb_samples=-1))
+    result = build_manifest(con, _recipe(balance__nb_samples=-1), tmp_path / "m.parquet")
     per_stream = dict(
         con.execute("SELECT stream, count(*) FILTER (WHERE selected) FROM media_manifest GROUP BY stream").fetchall()
     )
@@ -131,15 +132,19 @@ def test_balance_minus_one_gives_smallest_stream_times_streams() -> None:
     assert con.execute("SELECT bool_and((rank <= 12) = selected) FROM media_manifest").fetchone()[0]
 
 
-def test_sample_is_seeded_random_not_first_n() -> None:
+def test_sample_is_seeded_random_not_first_n(tmp_path: Path) -> None:
     con = duckdb.connect()
     _table(con, _pool({("1", DATASET_A): 200}))
-    build_manifest(con, _recipe(balance__nb_samples_per_stream=20, balance__nb_samples=None))
+    build_manifest(con, _recipe(balance__nb_samples_per_stream=20, balance__nb_samples=None), tmp_path / "m.parquet")
     chosen = {r[0] for r in con.execute("SELECT gbifID FROM media_manifest WHERE selected").fetchall()}
     assert len(chosen) == 20 and chosen != {str(i) for i in range(1, 21)}
-    build_manifest(con, _recipe(balance__nb_samples_per_stream=20, balance__nb_samples=None))
+    build_manifest(con, _recipe(balance__nb_samples_per_stream=20, balance__nb_samples=None), tmp_path / "m.parquet")
     assert chosen == {r[0] for r in con.execute("SELECT gbifID FROM media_manifest WHERE selected").fetchall()}
-    build_manifest(con, _recipe(balance__nb_samples_per_stream=20, balance__nb_samples=None, balance__seed=7))
+    build_manifest(
+        con,
+        _recipe(balance__nb_samples_per_stream=20, balance__nb_samples=None, balance__seed=7),
+        tmp_path / "m.parquet",
+    )
     assert chosen != {r[0] for r in con.execute("SELECT gbifID FROM media_manifest WHERE selected").fetchall()}
 
 
@@ -171,10 +176,10 @@ def test_stream_targets_properties(
             assert not open_ or max(targets.values()) - min(open_) <= 1
 
 
-def test_split_grouped_by_occurrence_stable_and_close_to_fractions() -> None:
+def test_split_grouped_by_occurrence_stable_and_close_to_fractions(tmp_path: Path) -> None:
     con = duckdb.connect()
     _table(con, _pool({("1", DATASET_A): 50_000, ("2", DATASET_B): 50_000}, media=2))
-    build_manifest(con, _recipe(balance__nb_samples=None))
+    build_manifest(con, _recipe(balance__nb_samples=None), tmp_path / "m.parquet")
     fractions = dict(
         con.execute("SELECT split, count(DISTINCT gbifID) / 100000 FROM media_manifest GROUP BY split").fetchall()
     )
@@ -186,12 +191,12 @@ def test_split_grouped_by_occurrence_stable_and_close_to_fractions() -> None:
     assert check_split_leakage(con) == []
     before = dict(con.execute("SELECT gbifID, split FROM media_manifest").fetchall())
     con.execute("DELETE FROM occurrences WHERE CAST(gbifID AS INTEGER) % 3 = 0")  # a refresh with fewer records
-    build_manifest(con, _recipe(balance__nb_samples=None))
+    build_manifest(con, _recipe(balance__nb_samples=None), tmp_path / "m.parquet")
     after = dict(con.execute("SELECT gbifID, split FROM media_manifest").fetchall())
     assert all(before[g] == s for g, s in after.items())
 
 
-def test_filter_funnel_counts_each_removal() -> None:
+def test_filter_funnel_counts_each_removal(tmp_path: Path) -> None:
     con = duckdb.connect()
     rows = _pool({("1", DATASET_A): 10})
     rows[0]["license"] = "All rights reserved"
@@ -210,7 +215,7 @@ def test_filter_funnel_counts_each_removal() -> None:
         filters__publishers={"deny": ["00000000-0000-0000-0000-0000000000aa"]},
         filters__hosts={"deny": ["h2.org"]},
     )
-    result = build_manifest(con, recipe)
+    result = build_manifest(con, recipe, tmp_path / "m.parquet")
     removed = {f["step"].split(" (")[0]: f["removed"] for f in result.funnel}
     assert removed["licence missing"] == 1
     assert removed["licence not in ['CC0-1.0', 'CC-BY-4.0', 'CC-BY-NC-4.0', 'CC-BY-SA-4.0']"] == 1
@@ -220,33 +225,87 @@ def test_filter_funnel_counts_each_removal() -> None:
     assert result.rows == result.funnel[-1]["remaining"]
 
 
-def test_occurrence_licence_fallback_only_when_allowed() -> None:
+def test_occurrence_licence_fallback_only_when_allowed(tmp_path: Path) -> None:
     con = duckdb.connect()
     rows = _pool({("1", DATASET_A): 5})
     for row in rows:
         row["license"] = None
     _table(con, rows)
-    assert build_manifest(con, _recipe()).rows == 0
-    result = build_manifest(con, _recipe(filters__allow_occurrence_license=True))
+    assert build_manifest(con, _recipe(), tmp_path / "m.parquet").rows == 0
+    result = build_manifest(con, _recipe(filters__allow_occurrence_license=True), tmp_path / "m.parquet")
     assert result.rows == 5
     assert con.execute("SELECT DISTINCT license_source, license_id FROM media_manifest").fetchall() == [
         ("occurrence", "CC-BY-4.0")
     ]
 
 
-def test_strict_host_allow_list_and_one_media_per_occurrence() -> None:
+def test_strict_host_allow_list_and_one_media_per_occurrence(tmp_path: Path) -> None:
     con = duckdb.connect()
     _table(con, _pool({("1", DATASET_A): 30}, media=3))
-    result = build_manifest(con, _recipe(filters__hosts={"allow": ["h1.org"]}, filters__one_media_per_occurrence=True))
+    result = build_manifest(
+        con,
+        _recipe(filters__hosts={"allow": ["h1.org"]}, filters__one_media_per_occurrence=True),
+        tmp_path / "m.parquet",
+    )
     hosts = {r[0] for r in con.execute("SELECT DISTINCT host FROM media_manifest").fetchall()}
     assert hosts == {"h1.org"}
     assert con.execute("SELECT max(c) FROM (SELECT count(*) c FROM media_manifest GROUP BY gbifID)").fetchone()[0] == 1
     assert result.rows > 0
 
 
-def test_missing_label_field_is_a_clear_error() -> None:
+def test_missing_label_field_is_a_clear_error(tmp_path: Path) -> None:
     con = duckdb.connect()
     con.register("t", pa.table({"gbifID": ["1"]}))
     con.execute("CREATE TABLE occurrences AS SELECT * FROM t")
     with pytest.raises(ValueError, match=r"'speciesKey' .* is not in `occurrences`"):
-        build_manifest(con, _recipe())
+        build_manifest(con, _recipe(), tmp_path / "m.parquet")
+
+
+def test_split_hash_in_64_bit_arithmetic_equals_the_128_bit_modulo() -> None:
+    con = duckdb.connect()
+    fast = _md5_mod("'0:split:' || CAST(i AS VARCHAR)", 10**9)
+    slow = "md5_number('0:split:' || CAST(i AS VARCHAR)) % 1000000000"
+    assert con.execute(f"SELECT count(*) FILTER (WHERE {fast} <> {slow}) FROM range(200000) t(i)").fetchone()[0] == 0
+
+
+def test_stream_target_counts_one_labels_selection_when_streams_span_labels(tmp_path: Path) -> None:
+    con = duckdb.connect()
+    _table(con, _pool({("1", DATASET_A): 40, ("2", DATASET_A): 10}))
+    recipe = _recipe(
+        balance__split_streams_by=["datasetKey"], balance__nb_samples_per_stream=20, balance__nb_samples=None
+    )
+    build_manifest(con, recipe, tmp_path / "m.parquet")
+    rows = con.execute(
+        "SELECT label, any_value(stream_target), count(*) FILTER (WHERE selected) FROM media_manifest GROUP BY label"
+    ).fetchall()
+    assert sum(r[2] for r in rows) == 20
+    assert all(target == selected for _, target, selected in rows)
+
+
+def test_manifest_is_parquet_behind_a_view_that_replaces_an_old_table(tmp_path: Path) -> None:
+    db, out = tmp_path / "warehouse.duckdb", tmp_path / "metadata" / "manifest.parquet"
+    con = duckdb.connect(str(db))
+    _table(con, _pool({("1", DATASET_A): 30, ("2", DATASET_B): 30}))
+    con.execute("CREATE TABLE media_manifest AS SELECT 1 AS stale")  # what an earlier version left
+    result = build_manifest(con, _recipe(balance__nb_samples=None), out)
+    con.close()
+    assert not list(out.parent.glob("*.tmp"))
+    con = duckdb.connect(str(db), read_only=True)
+    assert con.execute("SELECT count(*) FROM media_manifest").fetchone()[0] == result.rows == 60
+    assert con.execute(f"SELECT count(*) FROM read_parquet('{out}')").fetchone()[0] == 60
+    assert {"rank", "selected", "split", "url_sha1", "stream_target", "license_id"} <= {
+        r[0] for r in con.execute("DESCRIBE media_manifest").fetchall()
+    }
+
+
+def test_a_failed_rebuild_keeps_the_previous_manifest(tmp_path: Path) -> None:
+    con = duckdb.connect()
+    out = tmp_path / "manifest.parquet"
+    _table(con, _pool({("1", DATASET_A): 30}))
+    build_manifest(con, _recipe(balance__nb_samples=None), out)
+    before = out.read_bytes()
+    con.execute("ALTER TABLE occurrences DROP COLUMN media_index")  # a broken occurrences table
+    with pytest.raises(duckdb.Error):
+        build_manifest(con, _recipe(balance__nb_samples=None), out)
+    assert out.read_bytes() == before and not list(tmp_path.glob("*.tmp"))
+    assert con.execute("SELECT count(*) FROM media_manifest").fetchone()[0] == 30
