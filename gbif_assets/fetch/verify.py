@@ -1,8 +1,9 @@
 """CPU work on downloaded files, run in a worker process so the event loop never stalls.
 
 Each check opens the image with a pixel limit (decompression bombs are rejected from the header,
-before any decoding), decodes it cheaply (JPEG draft mode), optionally stores a resized copy, and
-hashes exactly the bytes that will be kept.
+before any decoding), checks that the file is complete (JPEG end-of-image marker, PNG IEND chunk,
+GIF trailer), decodes it cheaply (JPEG draft mode) unless `decode` is off, optionally stores a
+resized copy, and hashes exactly the bytes that will be kept.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 PIL_FORMATS = {"JPEG": ("image/jpeg", "jpg"), "PNG": ("image/png", "png"), "GIF": ("image/gif", "gif"),
                "WEBP": ("image/webp", "webp"), "TIFF": ("image/tiff", "tif")}  # fmt: skip
@@ -44,8 +45,23 @@ class Verified:
     size: int = 0
 
 
-def verify_image(path: str, max_pixels: int, resize_max_side: int | None = None) -> Verified:
-    """Check, optionally resize in place, and hash the file at `path`."""
+def _ends_properly(path: str, fmt: str) -> bool:
+    """The format's end marker sits in the last 1 KB (a truncated body still passes the header)."""
+    trailer = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82", "GIF": b"\x3b"}.get(fmt)
+    if trailer is None:
+        return False
+    with open(path, "rb") as handle:
+        handle.seek(max(0, os.fstat(handle.fileno()).st_size - 1024))
+        return trailer in handle.read()
+
+
+def verify_image(path: str, max_pixels: int, resize_max_side: int | None = None, decode: bool = True) -> Verified:
+    """Check, optionally resize in place, and hash the file at `path`.
+
+    `decode=False` keeps every safety check (format, pixel limit from the header) and skips the
+    draft decode, most of the CPU time per image, for files whose end marker is in place; a file
+    without one (truncated, or data appended after the image, as motion photos do) is decoded.
+    """
     Image.MAX_IMAGE_PIXELS = None  # we enforce max_pixels ourselves, from the header
     try:
         with Image.open(path) as img:
@@ -59,9 +75,10 @@ def verify_image(path: str, max_pixels: int, resize_max_side: int | None = None)
                     "too_large",
                     f"{width}x{height} pixels exceeds {max_pixels:,} (decompression bomb?)",
                 )
-            if fmt == "JPEG":
-                img.draft("RGB", (max(1, width // 8), max(1, height // 8)))
-            img.load()
+            if decode or resize_max_side or not _ends_properly(path, fmt):
+                if fmt == "JPEG":
+                    img.draft("RGB", (max(1, width // 8), max(1, height // 8)))
+                img.load()
             if resize_max_side and max(width, height) > resize_max_side:
                 resized = img.convert("RGB") if img.mode not in ("RGB", "L") else img
                 if fmt == "JPEG":
@@ -76,6 +93,8 @@ def verify_image(path: str, max_pixels: int, resize_max_side: int | None = None)
                 fmt = "JPEG" if fmt == "JPEG" else "PNG"
     except Image.DecompressionBombError as exc:
         return Verified(False, "too_large", str(exc))
+    except UnidentifiedImageError as exc:
+        return Verified(False, "not_image", str(exc)[:300])
     except (OSError, SyntaxError, ValueError) as exc:
         return Verified(False, "decode_error", f"{type(exc).__name__}: {exc}"[:300])
     digest = hashlib.sha256()

@@ -1,0 +1,63 @@
+"""Image checks on real files: what a header-only check must still catch, and what it must not reject."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from gbif_assets.emulator.imagehosts import bomb_jpeg, image_bytes
+from gbif_assets.fetch.verify import verify_image
+
+MAX_PIXELS = 89_478_485
+
+
+def _png() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), (10, 120, 30)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("decode", [True, False])
+@pytest.mark.parametrize("kind", ["jpeg", "png"])
+def test_a_whole_image_passes_and_is_hashed(tmp_path: Path, decode: bool, kind: str) -> None:
+    data = image_bytes("https://h/a.jpg") if kind == "jpeg" else _png()
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    verified = verify_image(str(path), MAX_PIXELS, decode=decode)
+    assert verified.ok and verified.size == len(data) and verified.ext == ("jpg" if kind == "jpeg" else "png")
+    assert verified.width > 0 and len(verified.sha256 or "") == 64
+
+
+@pytest.mark.parametrize("decode", [True, False])
+@pytest.mark.parametrize("kind", ["jpeg", "png"])
+def test_a_truncated_image_is_a_decode_error_even_without_decode(tmp_path: Path, decode: bool, kind: str) -> None:
+    data = image_bytes("https://h/b.jpg") if kind == "jpeg" else _png()
+    path = tmp_path / "f"
+    path.write_bytes(data[: len(data) * 2 // 3])
+    verified = verify_image(str(path), MAX_PIXELS, decode=decode)
+    assert not verified.ok and verified.error == "decode_error"
+
+
+@pytest.mark.parametrize("decode", [True, False])
+def test_a_decompression_bomb_is_refused_from_its_header(tmp_path: Path, decode: bool) -> None:
+    path = tmp_path / "bomb.jpg"
+    path.write_bytes(bomb_jpeg())
+    verified = verify_image(str(path), MAX_PIXELS, decode=decode)
+    assert not verified.ok and verified.error == "too_large" and "60000x60000" in (verified.detail or "")
+
+
+def test_data_appended_after_the_image_is_decoded_not_rejected(tmp_path: Path) -> None:
+    """Motion photos append a video after the JPEG's end marker: a valid image, so it is decoded to be sure."""
+    path = tmp_path / "motion.jpg"
+    path.write_bytes(image_bytes("https://h/c.jpg") + b"ftypmp42" + bytes(4096))
+    assert verify_image(str(path), MAX_PIXELS, decode=False).ok
+
+
+def test_html_is_not_an_image(tmp_path: Path) -> None:
+    path = tmp_path / "page.jpg"
+    path.write_bytes(b"<!doctype html><html><body>Not found</body></html>")
+    verified = verify_image(str(path), MAX_PIXELS, decode=False)
+    assert not verified.ok and verified.error == "not_image"
