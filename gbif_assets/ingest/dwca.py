@@ -14,6 +14,7 @@ import tempfile
 import time
 import xml.etree.ElementTree as ET
 import zipfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -239,6 +240,23 @@ def _load_dwca(
             raise ArchiveError(f"{origin}: {spec.location} is {spec.encoding}; GBIF archives are UTF-8")
     media_spec = next((e for e in extensions if e.row_type == MULTIMEDIA_ROW_TYPE), None)
     core_path = _extract(archive, core.location, scratch, origin)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="inflate") as pool:
+        # inflate multimedia.txt while DuckDB parses the core: zlib and DuckDB both release the GIL
+        media_path = pool.submit(_extract, archive, media_spec.location, scratch, origin) if media_spec else None
+        return _stage_and_join(con, core, core_path, media_spec, media_path, fields, table, origin)
+
+
+def _stage_and_join(
+    con: duckdb.DuckDBPyConnection,
+    core: FileSpec,
+    core_path: Path,
+    media_spec: FileSpec | None,
+    media_path: Future[Path] | None,
+    fields: list[str],
+    table: str,
+    origin: str,
+) -> IngestResult:
+    """Stage the used columns of both files, then one join writes the table (one media row each)."""
     _check_header(core_path, core, origin)
     occ_source = _csv(core_path, core, _header_width(core_path, core))
     notes: list[str] = []
@@ -254,18 +272,23 @@ def _load_dwca(
     )
     skipped = {f"occurrence_{k}": v for k, v in _rejects(con).items()}
     occurrences = con.execute("SELECT count(*) FROM occ_stage").fetchone()[0]
-    if media_spec is None:
+    if media_spec is None or media_path is None:
         notes.append("the archive has no multimedia.txt: zero media items, nothing to download")
-        media_select = "SELECT NULL::VARCHAR AS gbifID WHERE false"
+        media_select = "SELECT NULL::VARCHAR AS gbifID, NULL::INTEGER AS media_index WHERE false"
         media_exprs = [f"NULL::VARCHAR AS {quote(c)}" for c in MEDIA_COLUMNS]
     else:
-        media_path = _extract(archive, media_spec.location, scratch, origin)
-        _check_header(media_path, media_spec, origin)
-        width = _header_width(media_path, media_spec)
+        path = media_path.result()
+        _check_header(path, media_spec, origin)
+        width = _header_width(path, media_spec)
         media_used = ", ".join(f"c{i}" for i in sorted({media_spec.index_of(c) for c in MEDIA_COLUMNS} - {None}))
+        ident = media_spec.index_of("identifier")
+        # media_index: the item's place among its occurrence's media, by URL (stable across exports);
+        # numbered here on the staged rows, a third as wide as the joined ones
+        order = f"c{ident}" if ident is not None else f"c{media_spec.id_index}"
         media_select = (
-            f"SELECT NULLIF(c{media_spec.id_index}, '') AS gbifID, {media_used or 'NULL AS c_none'} "
-            f"FROM {_csv(media_path, media_spec, width)}"
+            f"SELECT NULLIF(c{media_spec.id_index}, '') AS gbifID, {media_used or 'NULL AS c_none'}, "
+            f"CAST(row_number() OVER (PARTITION BY NULLIF(c{media_spec.id_index}, '') ORDER BY {order}) - 1 AS INTEGER)"
+            f" AS media_index FROM {_csv(path, media_spec, width)}"
         )
         media_exprs = []
         for name in MEDIA_COLUMNS:
@@ -281,11 +304,8 @@ def _load_dwca(
     ]
     if orphans:
         skipped["media_without_occurrence"] = int(orphans)
-    ident = media_spec.index_of("identifier") if media_spec else None
-    order = f"m.c{ident}" if ident is not None else "m.gbifID"
     select = (
-        f"SELECT m.gbifID, CAST(row_number() OVER (PARTITION BY m.gbifID ORDER BY {order}) - 1 AS INTEGER)"
-        f" AS media_index, {', '.join(media_exprs)}, {', '.join(occ_exprs)} "
+        f"SELECT m.gbifID, m.media_index, {', '.join(media_exprs)}, {', '.join(occ_exprs)} "
         "FROM media_stage m JOIN occ_stage o ON m.gbifID = o.gbifID"
     )
     rows = replace_table(con, table, select)
