@@ -356,6 +356,7 @@ def fetch_config(recipe: Recipe, settings: Settings):
         max_bytes=d.max_bytes,
         resize_max_side=d.resize_max_side,
         gbif_image_cache_fallback=d.gbif_image_cache_fallback,
+        decode_check=d.decode_check,
         image_cache_base=f"{settings.api_url}/image/cache",
         allow_private_hosts=settings.allow_private_hosts,
     )

@@ -66,6 +66,7 @@ class FetchConfig:
     progress_every_s: float = 3.0
     verify_workers: int = 2
     verify_processes: bool = True
+    decode_check: bool = True
 
 
 @dataclass(frozen=True)
@@ -419,6 +420,7 @@ class FetchEngine:
                 str(tmp),
                 self.config.max_pixels,
                 self.config.resize_max_side,
+                self.config.decode_check,
             )
             if not verified.ok:
                 raise _Failure(verified.error or "decode_error", status, verified.detail)

@@ -61,3 +61,25 @@ def test_html_is_not_an_image(tmp_path: Path) -> None:
     path.write_bytes(b"<!doctype html><html><body>Not found</body></html>")
     verified = verify_image(str(path), MAX_PIXELS, decode=False)
     assert not verified.ok and verified.error == "not_image"
+
+
+def test_engine_without_decode_still_refuses_every_fake_image(hosts, tmp_path: Path) -> None:
+    """`download.decode_check: false` against real hosts: whole images kept, HTML, bombs and cut bodies refused."""
+    import asyncio
+    import hashlib
+
+    from gbif_assets.fetch import Candidate, FetchConfig, FetchEngine
+
+    expected = {"ok": None, "html": "not_image", "truncate": "truncated", "bomb": "too_large", "redirect": None}
+    streams = {
+        name: ([Candidate(url := f"{hosts.base_urls[name]}/photos/{name}/1.jpg",
+                          hashlib.sha1(url.encode()).hexdigest(), "1", name, 1, True, tmp_path / name)], 1)
+        for name in expected
+    }  # fmt: skip
+    config = FetchConfig(allow_private_hosts=True, retries=1, timeout_s=2, backoff_base_s=0.05,
+                         gbif_image_cache_fallback=False, decode_check=False)  # fmt: skip
+    engine = FetchEngine(config)
+    asyncio.run(engine.run(streams))
+    assert {o.candidate.stream: o.error for o in engine.outcomes} == expected
+    kept = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(kept) == 2 and all(verify_image(str(p), MAX_PIXELS).ok for p in kept)
