@@ -20,6 +20,7 @@ import hashlib
 import itertools
 import json
 import multiprocessing as mp
+import os
 import shutil
 import subprocess
 import sys
@@ -104,12 +105,12 @@ async def bare_loop(urls: list[str], out: Path) -> None:
         await asyncio.gather(*(one(u) for u in urls))
 
 
-def ours(urls: list[str], out: Path) -> None:
+def ours(urls: list[str], out: Path, decode_check: bool = True) -> None:
     from gbif_assets.fetch import Candidate, FetchConfig, FetchEngine
 
     cands = [Candidate(u, hashlib.sha1(u.encode()).hexdigest(), str(i), "s", i, True, out) for i, u in enumerate(urls)]
     config = FetchConfig(concurrency=CONCURRENCY, per_host=PER_HOST, timeout_s=5, retries=2, allow_private_hosts=True,
-                         gbif_image_cache_fallback=False, progress_every_s=3600)  # fmt: skip
+                         gbif_image_cache_fallback=False, progress_every_s=3600, decode_check=decode_check)  # fmt: skip
     asyncio.run(FetchEngine(config).run({"s": (cands, len(cands))}))
 
 
@@ -151,6 +152,7 @@ def img2dataset(urls: list[str], out: Path) -> None:
 
 TOOLS = {
     "ours": ours,
+    "ours-nodecode": lambda u, o: ours(u, o, decode_check=False),  # download.decode_check: false
     "bare": lambda u, o: asyncio.run(bare_loop(u, o)),
     "gbif-dl": gbif_dl,
     "img2dataset": img2dataset,
@@ -161,7 +163,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--scenario", default="a", choices=["a", "b", "c"])
     parser.add_argument("--n", type=int)
-    parser.add_argument("--tools", default="ours,bare,gbif-dl,img2dataset")
+    parser.add_argument("--tools", default="ours,ours-nodecode,bare,gbif-dl,img2dataset")
     args = parser.parse_args()
     n = args.n or (10_000 if args.scenario == "a" else 5_000)
     profiles, latency, share = scenario(args.scenario, n)
@@ -176,11 +178,13 @@ def main() -> None:
     results = {}
     try:
         for tool in args.tools.split(","):
-            if tool != "ours" and tool != "bare" and not PEER_PY.exists():
+            if not tool.startswith("ours") and tool != "bare" and not PEER_PY.exists():
                 print(f"{tool}: skipped, benchmarks/.venv-peers missing")
                 continue
             out = WORK / f"out_{args.scenario}_{tool}"
             shutil.rmtree(out, ignore_errors=True)
+            os.sync()  # let the deletions settle: file creation right after mass deletion is slow on ext4
+            time.sleep(2)
             started = time.monotonic()
             TOOLS[tool](urls, out)
             seconds = time.monotonic() - started
@@ -200,7 +204,7 @@ def main() -> None:
             )
     finally:
         server.terminate()
-    peers = [t for t in results if t not in ("ours", "bare")]
+    peers = [t for t in results if not t.startswith("ours") and t != "bare"]
     if "ours" in results:
         ours_rate = results["ours"]["images_per_s"]
         if peers:
@@ -208,6 +212,9 @@ def main() -> None:
             print(f"ours / best peer ({best}) = {ours_rate / max(results[best]['images_per_s'], 1e-9):.2f}x")
         if "bare" in results:
             print(f"ours / bare loop = {ours_rate / max(results['bare']['images_per_s'], 1e-9):.2f}")
+            if "ours-nodecode" in results:
+                nodecode = results["ours-nodecode"]["images_per_s"]
+                print(f"ours without decode / bare loop = {nodecode / max(results['bare']['images_per_s'], 1e-9):.2f}")
         if ideal:
             print(
                 f"ours wall time / ideal ({ideal:.1f} s at {CONCURRENCY} connections x {latency} s) = "

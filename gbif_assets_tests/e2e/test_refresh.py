@@ -63,4 +63,7 @@ def test_refresh_is_incremental_and_stable(gbif_env: Path, emulator, policy: str
     refetched = [a for a in log if a["fetched_at"] >= second_started and a["url"] in {r["url"] for r in first.values()}]
     assert refetched == []  # the refresh downloaded nothing it already had
     new_urls = {r["media"][0]["identifier"] for r in added}
-    assert {a["url"] for a in log if a["fetched_at"] >= second_started} <= new_urls
+    fetched = {a["url"] for a in log if a["fetched_at"] >= second_started}
+    # besides new records, only slots that leaving records vacated are refilled, from the stream's
+    # reserve in rank order (whether new URLs rank high enough to take them depends on their hash)
+    assert len(fetched - new_urls) <= len(leaving)
