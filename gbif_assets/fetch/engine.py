@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import datetime as dt
 import hashlib
 import itertools
@@ -41,6 +42,16 @@ MAX_REDIRECTS = 5
 RATE_LIMIT_EXTRA_TRIES = 6  # a 429 is the host asking for patience, not a broken link
 RETRYABLE = {"timeout", "reset", "truncated", "http_429", "http_5xx", "connect"}
 BREAKER_ERRORS = {"timeout", "connect", "reset", "dns"}
+UNPROVEN_BREAKER_FAILURES = 2  # a host that never answered is given up on sooner
+SLOW_START = 2  # connections to a host before it has answered
+RATE_WINDOW_S = 1.0  # a rate-limiting host's window (at least its Retry-After)
+RATE_START = 0.85  # first 429: pace at this share of the answers accepted in the last window
+RATE_CUT = 0.95  # a later 429: pace at this share of what the host accepted in the last window
+RATE_STEP = 0.05  # the pace grows by this share per probe
+PROBE_WINDOWS = 1  # windows between probes (a probe is answered, or refused, within them)
+PROBE_HOLD_S = 8.0  # after a 429, the pace holds this long before growing (doubled per later 429)
+PROBE_HOLD_MAX_S = 60.0
+MIN_RATE = 0.2
 USER_AGENT = "gbif-assets/0.1 (training-set builder; polite: per-host limits, backoff)"
 
 
@@ -124,7 +135,8 @@ class _Failure(Exception):
 
 
 class _Breaker:
-    """Per-host circuit breaker: after N consecutive connection-level failures, skip the host."""
+    """Per-host circuit breaker: after N consecutive connection-level failures, skip the host
+    (after 2 when the host has never answered: a dead host costs one timeout, not five)."""
 
     def __init__(self, failures: int, open_s: float) -> None:
         self.failures, self.open_s = failures, open_s
@@ -141,13 +153,117 @@ class _Breaker:
             return False
         return True
 
-    def record(self, host: str, error: str | None) -> None:
+    def record(self, host: str, error: str | None, proven: bool = True) -> None:
         if error in BREAKER_ERRORS:
             self.count[host] += 1
-            if self.count[host] >= self.failures:
+            if self.count[host] >= (self.failures if proven else min(self.failures, UNPROVEN_BREAKER_FAILURES)):
                 self.open_until[host] = time.monotonic() + self.open_s
         elif error is None or not error.startswith("http_5"):
             self.count[host] = 0
+
+
+class _HostLimit:
+    """One host's connection limit, adapted to the host as we go (AIMD, as TCP does).
+
+    Slow start: a host we know nothing about gets `SLOW_START` connections, one more per answer
+    (doubling every round trip) up to `per_host`, so a host that hangs holds two slots, not
+    eight. Additive increase: past `ssthresh`, one more connection per window of answers.
+    Multiplicative decrease: a 429 halves the limit (minimum 1), at most once per window of
+    in-flight requests (429s to requests started before the last cut do not cut again), and
+    the whole host waits out Retry-After. The limit never exceeds `per_host`.
+
+    A host that says 429 limits requests per time window, and one connection more or less is a
+    large step in rate (at 100 ms a request, one connection is 10 requests/s), so such a host is
+    also paced: request starts are spaced 1/rate apart. The first 429 sets the rate to
+    `RATE_START` x the answers the host accepted in the last second (which straddles two of its
+    windows, so it can be above the host's own limit); a later 429 cuts it by `RATE_CUT`. After a
+    cut the rate holds for `hold_s`, then grows by `RATE_STEP` per `PROBE_WINDOWS` windows; each
+    cut doubles `hold_s`, since every probe that fails costs a Retry-After pause.
+    """
+
+    def __init__(self, ceiling: int) -> None:
+        self.ceiling = ceiling
+        self.limit = float(min(SLOW_START, ceiling))
+        self.ssthresh = float(ceiling)
+        self.active = 0
+        self.peak = 0  # most connections open at once, for logs and tests
+        self.answers = 0  # HTTP answers ever received: the host is alive
+        self.throttled = 0  # 429 answers
+        self.cuts = 0
+        self.paused_until = 0.0
+        self.started = 0  # requests started; numbers the tickets
+        self.cut_ticket = 0  # requests up to this ticket were in flight at the last cut
+        self.rate: float | None = None  # requests per second, once the host has said 429
+        self.next_start = 0.0
+        self.hold_s = PROBE_HOLD_S
+        self.grow_after = 0.0
+        self.step_s = PROBE_WINDOWS * RATE_WINDOW_S
+        self.accepted: collections.deque[float] = collections.deque()  # recent successes
+        self._freed = asyncio.Event()
+
+    def slots(self) -> int:
+        return max(1, min(self.ceiling, int(self.limit)))
+
+    def wait_s(self, now: float) -> float | None:
+        """Seconds until a request may start (0: now); None while every allowed slot is taken."""
+        if self.active >= self.slots():
+            return None
+        return max(0.0, self.paused_until - now, self.next_start - now)
+
+    async def acquire(self) -> int:
+        """Wait for a free slot, the end of any Retry-After pause and the pace; returns a ticket."""
+        while (wait := self.wait_s(time.monotonic())) != 0.0:
+            if wait is None:
+                self._freed.clear()
+                await self._freed.wait()
+            else:
+                await asyncio.sleep(wait)
+        self.active += 1
+        self.peak = max(self.peak, self.active)
+        self.started += 1
+        if self.rate:
+            self.next_start = max(time.monotonic(), self.next_start) + 1.0 / self.rate
+        return self.started
+
+    def release(self) -> None:
+        self.active -= 1
+        self._freed.set()
+
+    def answered(self, ticket: int, throttled: bool, retry_after: float | None) -> None:
+        """An HTTP answer to request `ticket`: grow the limit, or cut it on a 429."""
+        now = time.monotonic()
+        self.answers += 1
+        if not throttled:
+            if self.limit < self.ssthresh:
+                self.limit = min(float(self.ceiling), self.limit + 1.0)  # slow start
+            else:
+                self.limit = min(float(self.ceiling), self.limit + 1.0 / self.limit)
+            self.accepted.append(now)
+            while self.accepted[0] < now - PROBE_HOLD_MAX_S:
+                self.accepted.popleft()
+            if self.rate is not None and now >= self.grow_after:
+                self.rate *= 1.0 + RATE_STEP
+                self.grow_after = now + self.step_s
+            self._freed.set()
+            return
+        self.throttled += 1
+        self.paused_until = max(self.paused_until, now + (1.0 if retry_after is None else retry_after))
+        if ticket <= self.cut_ticket:
+            return  # sent before the last cut: that cut already answered this congestion
+        self.limit = max(1.0, self.slots() / 2)
+        self.ssthresh = self.limit
+        self.cut_ticket = self.started
+        window = max(RATE_WINDOW_S, retry_after or 0.0)
+        accepted = sum(1 for t in self.accepted if t >= now - window) / window
+        if self.rate is None:
+            self.rate = max(MIN_RATE, RATE_START * accepted)
+        else:  # paced evenly, the answers accepted in the last window are close to the host's limit
+            self.rate = max(MIN_RATE, RATE_CUT * min(self.rate, accepted))
+            self.hold_s = min(PROBE_HOLD_MAX_S, self.hold_s * 2)
+        self.cuts += 1
+        self.grow_after = self.paused_until + self.hold_s
+        self.step_s = PROBE_WINDOWS * window
+        log.debug("429: %d connections, %.1f requests/s, hold %.0f s", self.slots(), self.rate, self.hold_s)
 
 
 class FetchEngine:
@@ -160,19 +276,43 @@ class FetchEngine:
         self.outcomes: list[Outcome] = []
         self.failures: collections.Counter[str] = collections.Counter()
         self._breaker = _Breaker(config.breaker_failures, config.breaker_open_s)
-        self._hosts: dict[str, asyncio.Semaphore] = {}
+        self._hosts: dict[str, _HostLimit] = {}
+        self._changed = asyncio.Event()
         self._global = asyncio.Semaphore(config.concurrency)
         self._pool: Executor | None = None
         self._made_dirs: set[Path] = set()
-        self._paused_until: dict[str, float] = {}
         self._done = 0
         self._target = 0
         self._started = time.monotonic()
 
-    def _host_sem(self, host: str) -> asyncio.Semaphore:
+    def _host(self, host: str) -> _HostLimit:
         if host not in self._hosts:
-            self._hosts[host] = asyncio.Semaphore(self.config.per_host)
+            self._hosts[host] = _HostLimit(self.config.per_host)
         return self._hosts[host]
+
+    def host_report(self) -> dict[str, dict[str, Any]]:
+        """What the engine learnt per host: connections allowed and used, 429s, pace."""
+        return {
+            host: {
+                "limit": h.slots(),
+                "peak": h.peak,
+                "answers": h.answers,
+                "throttled": h.throttled,
+                "cuts": h.cuts,
+                "rate": None if h.rate is None else round(h.rate, 2),
+            }
+            for host, h in self._hosts.items()
+        }
+
+    def _notify(self) -> None:
+        """Wake workers waiting for a host slot, a pause to end or a stream to change."""
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def _wait_change(self, timeout: float | None) -> None:
+        event = self._changed
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), timeout=1.0 if timeout is None else min(max(timeout, 0.001), 1.0))
 
     def _log(self, cand: Candidate, url: str, final_url: str | None, status: int | None, error: str | None,
              size: int, started: float, attempt: int, source: str, detail: str | None = None) -> None:  # fmt: skip
@@ -255,34 +395,71 @@ class FetchEngine:
         )
 
     async def _run_stream(self, session: aiohttp.ClientSession, candidates: list[Candidate], target: int) -> None:
-        """Workers pull candidates in rank order; a failure frees its place for the next reserve.
+        """Workers claim candidates in rank order; a failure frees its claim for the next reserve.
 
-        A worker only starts a candidate while `done + in_flight < target`, so the stream never
-        fetches more than it needs, and waits while others are in flight (they may fail).
+        A candidate is claimed only while `done + claimed < target`, so the stream never fetches
+        more than it needs. Claimed candidates wait in their host's queue (rank order within the
+        host) and start when that host can take a request: a hanging or throttled host delays
+        its own candidates, never the other hosts'.
         """
         queue = collections.deque(sorted(candidates, key=lambda c: c.rank))
-        state = {"done": 0, "in_flight": 0}
-        changed = asyncio.Condition()
+        parked: collections.OrderedDict[str, collections.deque[Candidate]] = collections.OrderedDict()
+        state = {"done": 0, "claimed": 0}
+
+        def host_of(cand: Candidate) -> str:
+            return (urlsplit(cand.url).hostname or "").lower()
+
+        def take(host: str, now: float) -> float | None:
+            """0 if a request to `host` may start now (also when its breaker is open: the candidate
+            fails fast), else the seconds until it may, or None while all its slots are taken."""
+            if self._breaker.is_open(host):
+                return 0.0
+            return self._host(host).wait_s(now)
+
+        def pick() -> tuple[Candidate | None, float | None]:
+            """The next candidate that may start now; else (None, seconds until one may, if known)."""
+            now, wake = time.monotonic(), None
+            for host in list(parked):
+                wait = take(host, now)
+                if wait == 0.0:
+                    waiting = parked[host]
+                    cand = waiting.popleft()
+                    if waiting:
+                        parked.move_to_end(host)  # round robin: the other hosts come first next time
+                    else:
+                        del parked[host]
+                    return cand, None
+                if wait is not None:
+                    wake = wait if wake is None else min(wake, wait)
+            while queue and state["done"] + state["claimed"] < target:
+                cand = queue.popleft()
+                state["claimed"] += 1
+                host = host_of(cand)
+                wait = take(host, now) if host not in parked else None
+                if wait == 0.0:
+                    return cand, None
+                parked.setdefault(host, collections.deque()).append(cand)
+                if wait is not None:
+                    wake = wait if wake is None else min(wake, wait)
+            return None, wake
 
         async def worker() -> None:
-            while True:
-                async with changed:
-                    while queue and state["done"] + state["in_flight"] >= target and state["done"] < target:
-                        await changed.wait()
-                    if not queue or state["done"] >= target:
+            while state["done"] < target and (queue or parked or state["claimed"]):
+                cand, when = pick()
+                if cand is None:
+                    if not queue and not parked and state["claimed"] == 0:
                         return
-                    cand = queue.popleft()
-                    state["in_flight"] += 1
+                    await self._wait_change(when)
+                    continue
                 outcome = await self._fetch(session, cand)
                 self.outcomes.append(outcome)
-                async with changed:
-                    state["in_flight"] -= 1
-                    if outcome.ok:
-                        state["done"] += 1
-                        self._done += 1
-                    else:
-                        self.failures[outcome.error or "error"] += 1
-                    changed.notify_all()
+                state["claimed"] -= 1
+                if outcome.ok:
+                    state["done"] += 1
+                    self._done += 1
+                else:
+                    self.failures[outcome.error or "error"] += 1
+                self._notify()
 
         if target > 0:
             await asyncio.gather(*(worker() for _ in range(min(target, self.config.concurrency, len(queue)))))
@@ -299,18 +476,12 @@ class FetchEngine:
                 return rescued
         return outcome
 
-    async def _wait_for_host(self, host: str) -> None:
-        """A 429 with Retry-After pauses the whole host, not just the request that got it."""
-        while (pause := self._paused_until.get(host, 0.0) - time.monotonic()) > 0:
-            await asyncio.sleep(pause)
-
     async def _fetch_with_retries(
         self, session: aiohttp.ClientSession, cand: Candidate, url: str, host: str, source: str
     ) -> Outcome:
         last: _Failure | None = None
         failures = throttled = 0
         for attempt in itertools.count(1):
-            await self._wait_for_host(host)
             if self._breaker.is_open(host):
                 self._log(cand, url, None, None, "circuit_open", 0, time.monotonic(), attempt, source)
                 return Outcome(cand, False, error=last.error if last else "circuit_open", source=source)
@@ -319,7 +490,7 @@ class FetchEngine:
                 path, verified, final_url, status = await self._attempt(session, cand, url)
             except _Failure as failure:
                 last = failure
-                self._breaker.record(host, failure.error)
+                self._breaker.record(host, failure.error, proven=self._host(host).answers > 0)
                 self._log(
                     cand,
                     url,
@@ -342,8 +513,7 @@ class FetchEngine:
                     break
                 delay = failure.retry_after
                 if failure.error == "http_429" and delay is not None:
-                    self._paused_until[host] = max(self._paused_until.get(host, 0.0), time.monotonic() + delay)
-                    continue
+                    continue  # the whole host waits out Retry-After (see _HostLimit.acquire)
                 if delay is None:
                     delay = min(self.config.backoff_max_s, self.config.backoff_base_s * 2 ** (attempt - 1))
                     delay *= 0.5 + random.random() / 2
@@ -376,11 +546,18 @@ class FetchEngine:
                     "blocked",
                     detail=f"{host} is a loopback, private, link-local or multicast address",
                 )
-            async with self._host_sem(host), self._global:  # host first: a busy host never holds global slots
-                if self._breaker.is_open(host):  # opened while this request waited for a slot
-                    raise _Failure("circuit_open", detail=f"{host} failed repeatedly; skipped for now")
-                try:
+            limit = self._host(host)
+            ticket = await limit.acquire()  # host first: a busy host never holds global slots
+            try:
+                async with self._global:
+                    if self._breaker.is_open(host):  # opened while this request waited for a slot
+                        raise _Failure("circuit_open", detail=f"{host} failed repeatedly; skipped for now")
                     async with session.get(current, allow_redirects=False) as response:
+                        throttled = response.status == 429
+                        retry_after = (
+                            retry_after_seconds(response.headers.get("Retry-After"), None) if throttled else None
+                        )
+                        limit.answered(ticket, throttled, retry_after)
                         if response.status in (301, 302, 303, 307, 308):
                             location = response.headers.get("Location")
                             if not location:
@@ -389,27 +566,30 @@ class FetchEngine:
                             continue
                         tmp, status = await self._download(response, cand)
                         break
-                except _Failure:
-                    raise
-                except BlockedAddress as exc:
-                    raise _Failure("blocked", detail=str(exc)) from None
-                except aiohttp.ClientConnectorError as exc:
-                    if isinstance(exc.os_error, BlockedAddress):
-                        raise _Failure("blocked", detail=str(exc.os_error)) from None
-                    kind = "dns" if isinstance(exc, aiohttp.ClientConnectorDNSError) else "connect"
-                    raise _Failure(kind, detail=str(exc)[:300]) from None
-                except (TimeoutError, aiohttp.ServerTimeoutError):
-                    raise _Failure("timeout", detail=f"no answer within {self.config.timeout_s:g} s") from None
-                except aiohttp.ClientPayloadError as exc:
-                    raise _Failure("truncated", detail=str(exc)[:300]) from None
-                except (
-                    aiohttp.ServerDisconnectedError,
-                    aiohttp.ClientOSError,
-                    ConnectionResetError,
-                ) as exc:
-                    raise _Failure("reset", detail=str(exc)[:300]) from None
-                except aiohttp.InvalidURL as exc:
-                    raise _Failure("blocked", detail=f"invalid URL {exc}") from None
+            except _Failure:
+                raise
+            except BlockedAddress as exc:
+                raise _Failure("blocked", detail=str(exc)) from None
+            except aiohttp.ClientConnectorError as exc:
+                if isinstance(exc.os_error, BlockedAddress):
+                    raise _Failure("blocked", detail=str(exc.os_error)) from None
+                kind = "dns" if isinstance(exc, aiohttp.ClientConnectorDNSError) else "connect"
+                raise _Failure(kind, detail=str(exc)[:300]) from None
+            except (TimeoutError, aiohttp.ServerTimeoutError):
+                raise _Failure("timeout", detail=f"no answer within {self.config.timeout_s:g} s") from None
+            except aiohttp.ClientPayloadError as exc:
+                raise _Failure("truncated", detail=str(exc)[:300]) from None
+            except (
+                aiohttp.ServerDisconnectedError,
+                aiohttp.ClientOSError,
+                ConnectionResetError,
+            ) as exc:
+                raise _Failure("reset", detail=str(exc)[:300]) from None
+            except aiohttp.InvalidURL as exc:
+                raise _Failure("blocked", detail=f"invalid URL {exc}") from None
+            finally:
+                limit.release()
+                self._notify()
         else:
             raise _Failure("too_many_redirects", detail=f"more than {MAX_REDIRECTS} redirects from {url[:200]}")
         try:  # verification runs after the connection slot is released

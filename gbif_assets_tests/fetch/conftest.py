@@ -27,6 +27,7 @@ PROFILES = [
     HostProfile("huge_chunked", "127.0.0.19", "huge", {"bytes": 3_000_000, "chunked": True}),
     HostProfile("hang", "127.0.0.20", "hang", {"hang_s": 30}),
     HostProfile("slow", "127.0.0.21", "slow", {"delay_s": 0.2}),
+    HostProfile("rate20", "127.0.0.22", "rate429", {"rate": 20, "retry_after": "1"}),
 ]
 
 

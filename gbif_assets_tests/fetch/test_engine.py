@@ -205,3 +205,66 @@ def test_kill_dash_nine_then_resume(hosts: ImageHosts, tmp_path: Path) -> None:
         "attempt",
         "source",
     } <= set(log.column_names)
+
+
+def test_rate_limited_host_is_paced_not_hammered(hosts: ImageHosts, tmp_path: Path) -> None:
+    """A host allowing 20 requests/s: every image arrives, few 429s, never more than per_host."""
+    stats = hosts.stats["rate20"]
+    stats.max_open_connections = stats.open_connections
+    refused_before = stats.by_status.get(429, 0)
+    cands = [_cand(f"{hosts.base_urls['rate20']}/paced/{i}.jpg", tmp_path, rank=i) for i in range(80)]
+    started = time.monotonic()
+    engine = _run(_config(per_host=8, concurrency=32, retries=2), {"s": (cands, 80)})
+    elapsed = time.monotonic() - started
+    assert sum(o.ok for o in engine.outcomes) == 80
+    refused = stats.by_status.get(429, 0) - refused_before
+    # The first burst is refused once (at most per_host requests are in flight when the first 429
+    # comes back), then the engine paces; bursting 8 connections after every Retry-After pause
+    # is refused in every window: 80 images at 20/s is 4 windows or more.
+    assert 1 <= refused <= 12, refused
+    assert stats.max_open_connections <= 8
+    report = engine.host_report()["127.0.0.22"]
+    assert report["peak"] <= 8 and report["limit"] <= 8
+    assert report["throttled"] == refused and report["cuts"] >= 1
+    assert report["rate"] is not None and report["rate"] <= 20 * 1.05, report  # paced at the host's rate, or below
+    assert elapsed < 80 / 20 * 2, elapsed  # 4 s at the host's rate; Retry-After pauses and a slower pace cost some
+
+
+def test_host_that_never_answered_costs_one_timeout(hosts: ImageHosts, tmp_path: Path) -> None:
+    """Slow start gives a new host 2 connections; if both time out and the host never answered, the
+    breaker opens (a host that has worked needs `breaker_failures`): one timeout, in parallel."""
+    stats = hosts.stats["hang"]
+    stats.max_open_connections = stats.open_connections
+    opened_before = stats.open_connections
+    requests_before = stats.requests
+    hang = [_cand(f"{hosts.base_urls['hang']}/once/{i}.jpg", tmp_path, rank=2 * i) for i in range(30)]
+    live = [_cand(f"{hosts.base_urls['ok']}/beside/{i}.jpg", tmp_path, rank=2 * i + 1) for i in range(30)]
+    started = time.monotonic()
+    engine = _run(
+        _config(timeout_s=1, retries=2, per_host=8, concurrency=8, breaker_failures=5, breaker_open_s=60),
+        {"s": (hang + live, 60)},
+    )
+    elapsed = time.monotonic() - started
+    assert sum(o.ok for o in engine.outcomes) == 30
+    timeouts = [a for a in engine.attempts if a["error"] == "timeout"]
+    assert len(timeouts) == 2  # two slots, two timeouts, then the breaker: not 5 failures x 8 slots
+    assert stats.requests - requests_before == 2
+    assert stats.max_open_connections - opened_before <= 2
+    assert sum(a["error"] == "circuit_open" for a in engine.attempts) == 30
+    # 8 global slots: had the hanging host held them, the 30 live images would wait for its timeouts
+    assert elapsed < 1.9, elapsed  # one 1 s timeout, the live images fetched meanwhile
+
+
+def test_breaker_waits_longer_for_a_host_that_has_worked() -> None:
+    from gbif_assets.fetch.engine import _Breaker
+
+    breaker = _Breaker(failures=5, open_s=60)
+    for _ in range(4):
+        breaker.record("proven", "timeout", proven=True)
+    assert not breaker.is_open("proven")
+    breaker.record("proven", "timeout", proven=True)
+    assert breaker.is_open("proven")
+    breaker.record("new", "timeout", proven=False)
+    assert not breaker.is_open("new")
+    breaker.record("new", "connect", proven=False)
+    assert breaker.is_open("new")
