@@ -52,6 +52,7 @@ PROBE_WINDOWS = 1  # windows between probes (a probe is answered, or refused, wi
 PROBE_HOLD_S = 8.0  # after a 429, the pace holds this long before growing (doubled per later 429)
 PROBE_HOLD_MAX_S = 60.0
 MIN_RATE = 0.2
+RATE_SIGNAL_ANSWERS = 2  # a 429 cuts only after this many answers per allowed connection in the window
 USER_AGENT = "gbif-assets/0.1 (training-set builder; polite: per-host limits, backoff)"
 
 
@@ -174,9 +175,13 @@ class _HostLimit:
 
     A host that says 429 limits requests per time window, and one connection more or less is a
     large step in rate (at 100 ms a request, one connection is 10 requests/s), so such a host is
-    also paced: request starts are spaced 1/rate apart. The first 429 sets the rate to
+    also paced: request starts are spaced 1/rate apart. A 429 cuts (limit and pace) only when the
+    host accepted at least `RATE_SIGNAL_ANSWERS` x `per_host` requests in the last window, outside
+    any pause: a host that refuses sooner (at random, or every Nth request) tells no rate to
+    pace to, and the Retry-After pause alone answers it, as before. The first 429 sets the rate to
     `RATE_START` x the answers the host accepted in the last second (which straddles two of its
-    windows, so it can be above the host's own limit); a later 429 cuts it by `RATE_CUT`. After a
+    windows, so it can be above the host's own limit); a later 429 sets it to `RATE_CUT` x the rate
+    accepted since the last pause (paced evenly, close to the host's limit). After a
     cut the rate holds for `hold_s`, then grows by `RATE_STEP` per `PROBE_WINDOWS` windows; each
     cut doubles `hold_s`, since every probe that fails costs a Retry-After pause.
     """
@@ -191,6 +196,7 @@ class _HostLimit:
         self.throttled = 0  # 429 answers
         self.cuts = 0
         self.paused_until = 0.0
+        self.resumed_at = 0.0  # when the last Retry-After pause ended
         self.started = 0  # requests started; numbers the tickets
         self.cut_ticket = 0  # requests up to this ticket were in flight at the last cut
         self.rate: float | None = None  # requests per second, once the host has said 429
@@ -247,14 +253,20 @@ class _HostLimit:
             self._freed.set()
             return
         self.throttled += 1
+        if now >= self.paused_until:
+            self.resumed_at = self.paused_until  # the last pause was over: requests flowed since
         self.paused_until = max(self.paused_until, now + (1.0 if retry_after is None else retry_after))
         if ticket <= self.cut_ticket:
             return  # sent before the last cut: that cut already answered this congestion
+        window = max(RATE_WINDOW_S, retry_after or 0.0)
+        since = max(now - window, self.resumed_at)
+        answered = sum(1 for t in self.accepted if t >= since)
+        if now - since < window / 2 or answered < RATE_SIGNAL_ANSWERS * self.ceiling:
+            return  # too few answers, or too soon after a pause, to tell a rate: the pause is the answer
         self.limit = max(1.0, self.slots() / 2)
         self.ssthresh = self.limit
         self.cut_ticket = self.started
-        window = max(RATE_WINDOW_S, retry_after or 0.0)
-        accepted = sum(1 for t in self.accepted if t >= now - window) / window
+        accepted = answered / (now - since)
         if self.rate is None:
             self.rate = max(MIN_RATE, RATE_START * accepted)
         else:  # paced evenly, the answers accepted in the last window are close to the host's limit
