@@ -429,7 +429,15 @@ class FetchEngine:
             return self._host(host).wait_s(now)
 
         def pick() -> tuple[Candidate | None, float | None]:
-            """The next candidate that may start now; else (None, seconds until one may, if known)."""
+            """The next candidate that may start now; else (None, seconds until one may, if known).
+
+            Claims go in rank order, up to the quota, into per-host queues; starts go round robin
+            over the hosts that can take a request now.
+            """
+            while queue and state["done"] + state["claimed"] < target:
+                cand = queue.popleft()
+                state["claimed"] += 1
+                parked.setdefault(host_of(cand), collections.deque()).append(cand)
             now, wake = time.monotonic(), None
             for host in list(parked):
                 wait = take(host, now)
@@ -441,16 +449,6 @@ class FetchEngine:
                     else:
                         del parked[host]
                     return cand, None
-                if wait is not None:
-                    wake = wait if wake is None else min(wake, wait)
-            while queue and state["done"] + state["claimed"] < target:
-                cand = queue.popleft()
-                state["claimed"] += 1
-                host = host_of(cand)
-                wait = take(host, now) if host not in parked else None
-                if wait == 0.0:
-                    return cand, None
-                parked.setdefault(host, collections.deque()).append(cand)
                 if wait is not None:
                     wake = wait if wake is None else min(wake, wait)
             return None, wake
