@@ -34,7 +34,7 @@ from gbif_assets.fetch.safety import (
     host_literal_allowed,
     sniff,
 )
-from gbif_assets.fetch.verify import Verified, die_with_parent, verify_image
+from gbif_assets.fetch.verify import Streamed, Verified, die_with_parent, settle_streamed, verify_image
 from gbif_assets.gbif.client import retry_after_seconds
 
 log = logging.getLogger(__name__)
@@ -278,6 +278,11 @@ class _HostLimit:
         log.debug("429: %d connections, %.1f requests/s, hold %.0f s", self.slots(), self.rate, self.hold_s)
 
 
+def host_of(url: str) -> str:
+    """The lower-cased host name of a URL ('' when it has none)."""
+    return (urlsplit(url).hostname or "").lower()
+
+
 class FetchEngine:
     """Fetch candidates stream by stream until each stream's target is met."""
 
@@ -289,6 +294,7 @@ class FetchEngine:
         self.failures: collections.Counter[str] = collections.Counter()
         self._breaker = _Breaker(config.breaker_failures, config.breaker_open_s)
         self._hosts: dict[str, _HostLimit] = {}
+        self._literal_ok: dict[str, bool] = {}  # host -> an IP literal we may connect to (or a name)
         self._changed = asyncio.Event()
         self._global = asyncio.Semaphore(config.concurrency)
         self._pool: Executor | None = None
@@ -326,12 +332,12 @@ class FetchEngine:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(event.wait(), timeout=1.0 if timeout is None else min(max(timeout, 0.001), 1.0))
 
-    def _log(self, cand: Candidate, url: str, final_url: str | None, status: int | None, error: str | None,
+    def _log(self, cand: Candidate, url: str, host: str, final_url: str | None, status: int | None, error: str | None,
              size: int, started: float, attempt: int, source: str, detail: str | None = None) -> None:  # fmt: skip
         self.attempts.append(
             {
                 "url": cand.url,
-                "host": (urlsplit(url).hostname or "").lower(),
+                "host": host,
                 "final_url": final_url,
                 "status": status,
                 "error": error,
@@ -418,9 +424,6 @@ class FetchEngine:
         parked: collections.OrderedDict[str, collections.deque[Candidate]] = collections.OrderedDict()
         state = {"done": 0, "claimed": 0}
 
-        def host_of(cand: Candidate) -> str:
-            return (urlsplit(cand.url).hostname or "").lower()
-
         def take(host: str, now: float) -> float | None:
             """0 if a request to `host` may start now (also when its breaker is open: the candidate
             fails fast), else the seconds until it may, or None while all its slots are taken."""
@@ -437,7 +440,7 @@ class FetchEngine:
             while queue and state["done"] + state["claimed"] < target:
                 cand = queue.popleft()
                 state["claimed"] += 1
-                parked.setdefault(host_of(cand), collections.deque()).append(cand)
+                parked.setdefault(host_of(cand.url), collections.deque()).append(cand)
             now, wake = time.monotonic(), None
             for host in list(parked):
                 wait = take(host, now)
@@ -475,12 +478,12 @@ class FetchEngine:
             await asyncio.gather(*(worker() for _ in range(min(target, self.config.concurrency, len(queue)))))
 
     async def _fetch(self, session: aiohttp.ClientSession, cand: Candidate) -> Outcome:
-        host = (urlsplit(cand.url).hostname or "").lower()
+        host = host_of(cand.url)
         outcome = await self._fetch_with_retries(session, cand, cand.url, host, "publisher")
         if not outcome.ok and self.config.gbif_image_cache_fallback and self.config.image_cache_base:
             md5 = hashlib.md5(cand.url.encode("utf-8")).hexdigest()
             cache_url = f"{self.config.image_cache_base.rstrip('/')}/occurrence/{cand.gbif_id}/media/{md5}"
-            cache_host = (urlsplit(cache_url).hostname or "").lower()
+            cache_host = host_of(cache_url)
             rescued = await self._fetch_with_retries(session, cand, cache_url, cache_host, "gbif_cache")
             if rescued.ok:
                 return rescued
@@ -493,7 +496,7 @@ class FetchEngine:
         failures = throttled = 0
         for attempt in itertools.count(1):
             if self._breaker.is_open(host):
-                self._log(cand, url, None, None, "circuit_open", 0, time.monotonic(), attempt, source)
+                self._log(cand, url, host, None, None, "circuit_open", 0, time.monotonic(), attempt, source)
                 return Outcome(cand, False, error=last.error if last else "circuit_open", source=source)
             started = time.monotonic()
             try:
@@ -504,6 +507,7 @@ class FetchEngine:
                 self._log(
                     cand,
                     url,
+                    host,
                     None,
                     failure.status,
                     failure.error,
@@ -530,7 +534,7 @@ class FetchEngine:
                 await asyncio.sleep(min(delay, self.config.backoff_max_s))
                 continue
             self._breaker.record(host, None)
-            self._log(cand, url, final_url, status, None, verified.size, started, attempt, source)
+            self._log(cand, url, host, final_url, status, None, verified.size, started, attempt, source)
             return Outcome(
                 cand,
                 True,
@@ -547,11 +551,14 @@ class FetchEngine:
     ) -> tuple[Path, Verified, str, int]:
         current = url
         for _hop in range(MAX_REDIRECTS + 1):
-            scheme = urlsplit(current).scheme.lower()
+            parts = urlsplit(current)
+            scheme = parts.scheme.lower()
             if scheme not in ALLOWED_SCHEMES:
                 raise _Failure("blocked", detail=f"scheme {scheme or '(none)'} is not http(s): {current[:200]}")
-            host = (urlsplit(current).hostname or "").lower()
-            if not host_literal_allowed(host, self.config.allow_private_hosts):
+            host = (parts.hostname or "").lower()
+            if host not in self._literal_ok:
+                self._literal_ok[host] = host_literal_allowed(host, self.config.allow_private_hosts)
+            if not self._literal_ok[host]:
                 raise _Failure(
                     "blocked",
                     detail=f"{host} is a loopback, private, link-local or multicast address",
@@ -574,7 +581,7 @@ class FetchEngine:
                                 raise _Failure("http_3xx", response.status, "redirect without Location")
                             current = urljoin(current, location)
                             continue
-                        tmp, status = await self._download(response, cand)
+                        tmp, status, streamed = await self._download(response, cand)
                         break
             except _Failure:
                 raise
@@ -603,15 +610,19 @@ class FetchEngine:
         else:
             raise _Failure("too_many_redirects", detail=f"more than {MAX_REDIRECTS} redirects from {url[:200]}")
         try:  # verification runs after the connection slot is released
-            loop = asyncio.get_running_loop()
-            verified = await loop.run_in_executor(
-                self._pool,
-                verify_image,
-                str(tmp),
-                self.config.max_pixels,
-                self.config.resize_max_side,
-                self.config.decode_check,
-            )
+            verified = None
+            if not self.config.decode_check and not self.config.resize_max_side:
+                verified = settle_streamed(streamed, self.config.max_pixels)
+            if verified is None:
+                verified = await asyncio.get_running_loop().run_in_executor(
+                    self._pool,
+                    verify_image,
+                    str(tmp),
+                    self.config.max_pixels,
+                    self.config.resize_max_side,
+                    self.config.decode_check,
+                    streamed.digest.hexdigest(),
+                )
             if not verified.ok:
                 raise _Failure(verified.error or "decode_error", status, verified.detail)
             final = cand.dest_dir / f"{cand.url_sha1}.{verified.ext}"
@@ -621,8 +632,9 @@ class FetchEngine:
             tmp.unlink(missing_ok=True)
             raise
 
-    async def _download(self, response: aiohttp.ClientResponse, cand: Candidate) -> tuple[Path, int]:
-        """Stream a 200 body to a temporary file next to its final place, within max_bytes."""
+    async def _download(self, response: aiohttp.ClientResponse, cand: Candidate) -> tuple[Path, int, Streamed]:
+        """Stream a 200 body to a temporary file next to its final place, within max_bytes,
+        hashing it and keeping its first and last bytes on the way."""
         status = response.status
         if status == 429:
             raise _Failure(
@@ -645,7 +657,7 @@ class FetchEngine:
             cand.dest_dir.mkdir(parents=True, exist_ok=True)
             self._made_dirs.add(cand.dest_dir)
         tmp = cand.dest_dir / f".{cand.url_sha1}.{random.getrandbits(32):08x}.part"
-        size = 0
+        streamed = Streamed()
         try:
             with tmp.open("wb") as handle:
                 first = True
@@ -659,13 +671,13 @@ class FetchEngine:
                                 f"body is {kind}, not an image (Content-Type {response.headers.get('Content-Type')})",
                             )
                         first = False
-                    size += len(chunk)
-                    if size > self.config.max_bytes:
+                    streamed.update(chunk)
+                    if streamed.size > self.config.max_bytes:
                         raise _Failure("too_large", status, f"body passed max_bytes {self.config.max_bytes}")
                     handle.write(chunk)
-            if size == 0:
+            if streamed.size == 0:
                 raise _Failure("not_image", status, "empty body")
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        return tmp, status
+        return tmp, status, streamed

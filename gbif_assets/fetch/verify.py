@@ -1,15 +1,18 @@
-"""CPU work on downloaded files, run in a worker process so the event loop never stalls.
+"""CPU work on downloaded files: cheap checks while the body streams, decoding in a worker process.
 
-Each check opens the image with a pixel limit (decompression bombs are rejected from the header,
-before any decoding), checks that the file is complete (JPEG end-of-image marker, PNG IEND chunk,
-GIF trailer), decodes it cheaply (JPEG draft mode) unless `decode` is off, optionally stores a
-resized copy, and hashes exactly the bytes that will be kept.
+Every image is checked for its format and its pixel count (decompression bombs are rejected from
+the header, before any decoding) and for its end marker (JPEG end-of-image, PNG IEND chunk, GIF
+trailer: a truncated body still has a valid header). The hash and these header checks are worked
+out from the bytes as they stream to disk (`Streamed`), so the usual image is never read back.
+Decoding (JPEG draft mode), resizing and anything the streamed bytes cannot settle run in a
+worker process on the file itself (`verify_image`).
 """
 
 from __future__ import annotations
 
 import ctypes
 import hashlib
+import io
 import os
 import signal
 import sys
@@ -20,6 +23,11 @@ from PIL import Image, UnidentifiedImageError
 
 PIL_FORMATS = {"JPEG": ("image/jpeg", "jpg"), "PNG": ("image/png", "png"), "GIF": ("image/gif", "gif"),
                "WEBP": ("image/webp", "webp"), "TIFF": ("image/tiff", "tif")}  # fmt: skip
+OPEN_FORMATS = tuple(PIL_FORMATS)  # Pillow tries only these decoders
+END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82", "GIF": b"\x3b"}
+HEAD_BYTES = 1 << 18  # the header (EXIF, ICC profile, then the frame size) of nearly every photo fits
+TAIL_BYTES = 1024  # the end marker sits in the last bytes of a whole file
+Image.MAX_IMAGE_PIXELS = None  # max_pixels is enforced here, from the header, per call
 
 
 def die_with_parent() -> None:
@@ -45,37 +53,82 @@ class Verified:
     size: int = 0
 
 
-def _ends_properly(path: str, fmt: str) -> bool:
-    """The format's end marker sits in the last 1 KB (a truncated body still passes the header)."""
-    trailer = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82", "GIF": b"\x3b"}.get(fmt)
-    if trailer is None:
-        return False
+class Streamed:
+    """What the engine learns about a body while writing it: sha256, size, first and last bytes."""
+
+    __slots__ = ("digest", "head", "size", "tail")
+
+    def __init__(self) -> None:
+        self.digest = hashlib.sha256()
+        self.head = bytearray()
+        self.tail = b""
+        self.size = 0
+
+    def update(self, chunk: bytes) -> None:
+        self.digest.update(chunk)
+        self.size += len(chunk)
+        if len(self.head) < HEAD_BYTES:
+            self.head += chunk[: HEAD_BYTES - len(self.head)]
+        self.tail = chunk[-TAIL_BYTES:] if len(chunk) >= TAIL_BYTES else (self.tail + chunk)[-TAIL_BYTES:]
+
+
+def _refusal(fmt: str, width: int, height: int, max_pixels: int) -> Verified | None:
+    """Why a header alone rules the file out (format, pixel count), or None."""
+    if fmt not in PIL_FORMATS:
+        return Verified(False, "not_image", f"unsupported image format {fmt or 'unknown'}")
+    if width * height > max_pixels:
+        return Verified(False, "too_large", f"{width}x{height} pixels exceeds {max_pixels:,} (decompression bomb?)")
+    return None
+
+
+def _ends_properly(tail: bytes, fmt: str) -> bool:
+    marker = END_MARKERS.get(fmt)
+    return marker is not None and marker in tail
+
+
+def settle_streamed(streamed: Streamed, max_pixels: int) -> Verified | None:
+    """The header-only verdict from the streamed bytes, or None when the file must be opened
+    by `verify_image`: a header past the first HEAD_BYTES, an end marker missing (decode it to
+    tell a truncated file from one with data appended), or anything the header parse tripped on."""
+    try:
+        with Image.open(io.BytesIO(streamed.head), formats=OPEN_FORMATS) as img:
+            width, height = img.size
+            fmt = img.format or ""
+    except Exception:  # a partial header or a bad file: verify_image judges the file itself
+        return None
+    refusal = _refusal(fmt, width, height, max_pixels)
+    if refusal is not None:
+        return refusal
+    if not _ends_properly(streamed.tail, fmt):
+        return None
+    mime, ext = PIL_FORMATS[fmt]
+    return Verified(True, width=width, height=height, mime=mime, ext=ext,
+                    sha256=streamed.digest.hexdigest(), size=streamed.size)  # fmt: skip
+
+
+def _tail_of(path: str) -> bytes:
     with open(path, "rb") as handle:
-        handle.seek(max(0, os.fstat(handle.fileno()).st_size - 1024))
-        return trailer in handle.read()
+        handle.seek(max(0, os.fstat(handle.fileno()).st_size - TAIL_BYTES))
+        return handle.read()
 
 
-def verify_image(path: str, max_pixels: int, resize_max_side: int | None = None, decode: bool = True) -> Verified:
-    """Check, optionally resize in place, and hash the file at `path`.
+def verify_image(
+    path: str, max_pixels: int, resize_max_side: int | None = None, decode: bool = True, sha256: str | None = None
+) -> Verified:
+    """Check, optionally resize in place, and hash the file at `path` (`sha256`: its known hash).
 
     `decode=False` keeps every safety check (format, pixel limit from the header) and skips the
     draft decode, most of the CPU time per image, for files whose end marker is in place; a file
     without one (truncated, or data appended after the image, as motion photos do) is decoded.
     """
-    Image.MAX_IMAGE_PIXELS = None  # we enforce max_pixels ourselves, from the header
     try:
-        with Image.open(path) as img:
+        with Image.open(path, formats=OPEN_FORMATS) as img:
             width, height = img.size
             fmt = img.format or ""
-            if fmt not in PIL_FORMATS:
-                return Verified(False, "not_image", f"unsupported image format {fmt or 'unknown'}")
-            if width * height > max_pixels:
-                return Verified(
-                    False,
-                    "too_large",
-                    f"{width}x{height} pixels exceeds {max_pixels:,} (decompression bomb?)",
-                )
-            if decode or resize_max_side or not _ends_properly(path, fmt):
+            refusal = _refusal(fmt, width, height, max_pixels)
+            if refusal is not None:
+                return refusal
+            if decode or resize_max_side or not _ends_properly(_tail_of(path), fmt):
                 if fmt == "JPEG":
                     img.draft("RGB", (max(1, width // 8), max(1, height // 8)))
                 img.load()
@@ -91,23 +144,18 @@ def verify_image(path: str, max_pixels: int, resize_max_side: int | None = None,
                 os.replace(tmp, path)
                 width, height = resized.size
                 fmt = "JPEG" if fmt == "JPEG" else "PNG"
+                sha256 = None  # the stored bytes changed
     except Image.DecompressionBombError as exc:
         return Verified(False, "too_large", str(exc))
     except UnidentifiedImageError as exc:
         return Verified(False, "not_image", str(exc)[:300])
     except (OSError, SyntaxError, ValueError) as exc:
         return Verified(False, "decode_error", f"{type(exc).__name__}: {exc}"[:300])
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
+    if sha256 is None:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+        sha256 = digest.hexdigest()
     mime, ext = PIL_FORMATS[fmt]
-    return Verified(
-        True,
-        width=width,
-        height=height,
-        mime=mime,
-        ext=ext,
-        sha256=digest.hexdigest(),
-        size=Path(path).stat().st_size,
-    )
+    return Verified(True, width=width, height=height, mime=mime, ext=ext, sha256=sha256, size=Path(path).stat().st_size)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 from PIL import Image
 
 from gbif_assets.emulator.imagehosts import bomb_jpeg, image_bytes
-from gbif_assets.fetch.verify import verify_image
+from gbif_assets.fetch.verify import HEAD_BYTES, Streamed, settle_streamed, verify_image
 
 MAX_PIXELS = 89_478_485
 
@@ -66,7 +67,6 @@ def test_html_is_not_an_image(tmp_path: Path) -> None:
 def test_engine_without_decode_still_refuses_every_fake_image(hosts, tmp_path: Path) -> None:
     """`download.decode_check: false` against real hosts: whole images kept, HTML, bombs and cut bodies refused."""
     import asyncio
-    import hashlib
 
     from gbif_assets.fetch import Candidate, FetchConfig, FetchEngine
 
@@ -83,3 +83,41 @@ def test_engine_without_decode_still_refuses_every_fake_image(hosts, tmp_path: P
     assert {o.candidate.stream: o.error for o in engine.outcomes} == expected
     kept = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert len(kept) == 2 and all(verify_image(str(p), MAX_PIXELS).ok for p in kept)
+
+
+def _streamed(data: bytes, chunk: int = 65_536) -> Streamed:
+    streamed = Streamed()
+    for start in range(0, len(data), chunk):
+        streamed.update(data[start : start + chunk])
+    return streamed
+
+
+@pytest.mark.parametrize("chunk", [1, 1000, 65_536])
+def test_streamed_bytes_settle_a_whole_image_as_the_file_check_does(tmp_path: Path, chunk: int) -> None:
+    data = image_bytes("https://h/d.jpg")
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    settled = settle_streamed(_streamed(data, chunk), MAX_PIXELS)
+    assert settled == verify_image(str(path), MAX_PIXELS, decode=False)
+    assert settled is not None and settled.ok and settled.sha256 == hashlib.sha256(data).hexdigest()
+
+
+def test_streamed_bytes_refuse_a_bomb_and_leave_doubtful_files_to_the_file_check() -> None:
+    bomb = settle_streamed(_streamed(bomb_jpeg()), MAX_PIXELS)
+    assert bomb is not None and bomb.error == "too_large"
+    data = image_bytes("https://h/e.jpg")
+    assert settle_streamed(_streamed(data[: len(data) // 2]), MAX_PIXELS) is None  # no end marker: decode it
+    assert settle_streamed(_streamed(b"<html>" + data), MAX_PIXELS) is None  # not an image: judged on the file
+
+
+def test_a_header_past_the_streamed_head_is_judged_on_the_file(tmp_path: Path) -> None:
+    """A photo whose metadata segments fill more than HEAD_BYTES before the frame header."""
+    image = Image.new("RGB", (40, 30), (200, 10, 10))
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", icc_profile=bytes(HEAD_BYTES + 10_000))  # split into several APP2 segments
+    data = buffer.getvalue()
+    assert settle_streamed(_streamed(data), MAX_PIXELS) is None
+    path = tmp_path / "f.jpg"
+    path.write_bytes(data)
+    verified = verify_image(str(path), MAX_PIXELS, decode=False)
+    assert verified.ok and (verified.width, verified.height) == (40, 30)
