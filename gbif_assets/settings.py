@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_API_URL = "https://api.gbif.org/v1"
@@ -13,6 +13,17 @@ _TRUE = {"1", "true", "yes", "on"}
 def env_flag(name: str) -> bool:
     """Read a boolean switch the way shell users write it (1/true/yes/on)."""
     return os.environ.get(name, "").strip().lower() in _TRUE
+
+
+def fetch_processes_from_env() -> int:
+    """GBIF_ASSETS_FETCH_PROCESSES: event loops the image fetch may use, one per process (default:
+    one per core, at most 4); a large partition is split between them by host."""
+    raw = os.environ.get("GBIF_ASSETS_FETCH_PROCESSES", "").strip()
+    if not raw:
+        return max(1, min(os.cpu_count() or 1, 4))
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"GBIF_ASSETS_FETCH_PROCESSES must be a whole number of processes, 1 or more (got {raw!r})")
+    return int(raw)
 
 
 @dataclass(frozen=True)
@@ -26,6 +37,7 @@ class Settings:
     home: Path
     datasets_dir: Path
     allow_private_hosts: bool
+    fetch_processes: int = field(default_factory=fetch_processes_from_env)
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -38,6 +50,7 @@ class Settings:
             home=Path(os.environ.get("GBIF_ASSETS_HOME", "data")).resolve(),
             datasets_dir=Path(os.environ.get("GBIF_ASSETS_DATASETS", "datasets")).resolve(),
             allow_private_hosts=env_flag("GBIF_ASSETS_ALLOW_PRIVATE_HOSTS"),
+            fetch_processes=fetch_processes_from_env(),
         )
 
     def dataset_home(self, name: str) -> Path:
@@ -49,5 +62,5 @@ class Settings:
             f"Settings(api_url={self.api_url!r}, username={self.username!r}, "
             f"password={'***' if self.password else None}, home={str(self.home)!r}, "
             f"datasets_dir={str(self.datasets_dir)!r}, "
-            f"allow_private_hosts={self.allow_private_hosts})"
+            f"allow_private_hosts={self.allow_private_hosts}, fetch_processes={self.fetch_processes})"
         )

@@ -359,6 +359,7 @@ def fetch_config(recipe: Recipe, settings: Settings):
         decode_check=d.decode_check,
         image_cache_base=f"{settings.api_url}/image/cache",
         allow_private_hosts=settings.allow_private_hosts,
+        processes=settings.fetch_processes,
     )
 
 

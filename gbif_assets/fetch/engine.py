@@ -12,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import datetime as dt
 import hashlib
 import itertools
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,7 @@ from gbif_assets.fetch.safety import (
     sniff,
 )
 from gbif_assets.fetch.verify import Streamed, Verified, die_with_parent, settle_streamed, verify_image
-from gbif_assets.gbif.client import retry_after_seconds
+from gbif_assets.retry_after import retry_after_seconds
 
 log = logging.getLogger(__name__)
 MAX_REDIRECTS = 5
@@ -79,6 +80,8 @@ class FetchConfig:
     verify_workers: int = 2
     verify_processes: bool = True
     decode_check: bool = True
+    processes: int = 1  # event loops, one per process (shards owning disjoint hosts); see run()
+    shard_min_candidates: int = 2_000  # below this, starting shard processes costs more than it saves
 
 
 @dataclass(frozen=True)
@@ -283,6 +286,148 @@ def host_of(url: str) -> str:
     return (urlsplit(url).hostname or "").lower()
 
 
+@dataclass
+class _Stream:
+    """One stream's quota: candidates not yet claimed (rank order), successes, claims in flight."""
+
+    queue: collections.deque[Candidate]
+    target: int
+    done: int = 0
+    claimed: int = 0
+
+
+class _Coordinator:
+    """Claims candidates within each stream's quota and routes each to the shard owning its host.
+
+    A candidate is claimed only while `done + claimed < target`, so a stream never fetches more
+    than it needs; a failure frees its claim for the next reserve of the same stream, after GBIF's
+    image cache was tried when the recipe allows it. A host belongs to one shard for the whole run
+    (the shard that had been given the least work when the host first came up), so per-host
+    limits, pacing and breakers are exact even with shards in several processes.
+    """
+
+    def __init__(self, engine: FetchEngine, states: list[_Stream]) -> None:
+        self._engine = engine
+        self._states = states
+        self._shards: list[Any] = []
+        self._owner: dict[str, int] = {}
+        self._load: collections.Counter[int] = collections.Counter()
+        self._jobs: dict[int, tuple[_Stream, Candidate, Outcome | None]] = {}
+        self._numbers = itertools.count()
+        self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def start(self, shards: list[Any]) -> None:
+        self._shards = shards
+        for state in self._states:
+            self._claim(state)
+        self._check_finished()
+
+    def _claim(self, state: _Stream) -> None:
+        while state.queue and state.done + state.claimed < state.target:
+            cand = state.queue.popleft()
+            state.claimed += 1
+            self._dispatch(state, cand, cand.url, "publisher", None)
+
+    def _dispatch(self, state: _Stream, cand: Candidate, url: str, source: str, first: Outcome | None) -> None:
+        host = host_of(url)
+        if host not in self._owner:
+            self._owner[host] = min(range(len(self._shards)), key=self._load.__getitem__)
+        shard = self._owner[host]
+        self._load[shard] += 1
+        number = next(self._numbers)
+        self._jobs[number] = (state, cand, first)
+        self._shards[shard].submit(number, cand, url, source)
+
+    def settle(self, number: int, outcome: Outcome) -> None:
+        """A shard's result for job `number`: count it, or try the cache, and claim what is next."""
+        engine = self._engine
+        state, cand, first = self._jobs.pop(number)
+        if not outcome.ok and first is None and (cache_url := engine._cache_url(cand)):
+            self._dispatch(state, cand, cache_url, "gbif_cache", outcome)
+            return
+        final = outcome if outcome.ok or first is None else first
+        engine.outcomes.append(final)
+        state.claimed -= 1
+        if final.ok:
+            state.done += 1
+            engine._done += 1
+        else:
+            engine.failures[final.error or "error"] += 1
+        self._claim(state)
+        self._check_finished()
+
+    def _check_finished(self) -> None:
+        if not self._jobs and not self.finished.done():
+            self.finished.set_result(None)
+
+
+class _Shard:
+    """Fetch jobs for the hosts routed here, in this event loop.
+
+    Jobs wait in their host's queue and `workers` tasks serve the hosts round robin, each taking
+    a job only from a host that can take a request now (free slot, no Retry-After pause, pace),
+    so a hanging or throttled host delays its own jobs, never the other hosts'.
+    """
+
+    def __init__(
+        self,
+        engine: FetchEngine,
+        session: aiohttp.ClientSession,
+        workers: int,
+        deliver: Callable[[int, Outcome], None],
+    ) -> None:
+        self._engine, self._session, self._workers, self._deliver = engine, session, workers, deliver
+        self._parked: collections.OrderedDict[str, collections.deque[tuple[int, Candidate, str, str]]] = (
+            collections.OrderedDict()
+        )
+        self._closing = False
+
+    def submit(self, number: int, cand: Candidate, url: str, source: str) -> None:
+        self._parked.setdefault(host_of(url), collections.deque()).append((number, cand, url, source))
+        self._engine._notify()
+
+    def close(self) -> None:
+        """No more jobs will come: workers stop once the queues are empty."""
+        self._closing = True
+        self._engine._notify()
+
+    async def serve(self) -> None:
+        await asyncio.gather(*(self._work() for _ in range(self._workers)))
+
+    def _pick(self) -> tuple[tuple[int, Candidate, str, str] | None, float | None]:
+        """The next job whose host can take a request now; else (None, seconds until one may, if known)."""
+        engine = self._engine
+        now, wake = time.monotonic(), None
+        for host in list(self._parked):
+            # an open breaker lets the job start at once: it fails fast without a request
+            wait = 0.0 if engine._breaker.is_open(host) else engine._host(host).wait_s(now)
+            if wait == 0.0:
+                waiting = self._parked[host]
+                job = waiting.popleft()
+                if waiting:
+                    self._parked.move_to_end(host)  # round robin: the other hosts come first next time
+                else:
+                    del self._parked[host]
+                return job, None
+            if wait is not None:
+                wake = wait if wake is None else min(wake, wait)
+        return None, wake
+
+    async def _work(self) -> None:
+        engine = self._engine
+        while True:
+            job, wake = self._pick()
+            if job is None:
+                if self._closing and not self._parked:
+                    return
+                await engine._wait_change(wake)
+                continue
+            number, cand, url, source = job
+            outcome = await engine._fetch_with_retries(self._session, cand, url, host_of(url), source)
+            self._deliver(number, outcome)
+            engine._notify()
+
+
 class FetchEngine:
     """Fetch candidates stream by stream until each stream's target is met."""
 
@@ -294,6 +439,7 @@ class FetchEngine:
         self.failures: collections.Counter[str] = collections.Counter()
         self._breaker = _Breaker(config.breaker_failures, config.breaker_open_s)
         self._hosts: dict[str, _HostLimit] = {}
+        self._remote_hosts: dict[str, dict[str, Any]] = {}  # what shard processes learnt of their hosts
         self._literal_ok: dict[str, bool] = {}  # host -> an IP literal we may connect to (or a name)
         self._changed = asyncio.Event()
         self._global = asyncio.Semaphore(config.concurrency)
@@ -309,7 +455,8 @@ class FetchEngine:
         return self._hosts[host]
 
     def host_report(self) -> dict[str, dict[str, Any]]:
-        """What the engine learnt per host: connections allowed and used, 429s, pace."""
+        """What the engine learnt per host: connections allowed and used, 429s, pace, and the
+        shard (0: this process) that fetched from it."""
         return {
             host: {
                 "limit": h.slots(),
@@ -318,9 +465,10 @@ class FetchEngine:
                 "throttled": h.throttled,
                 "cuts": h.cuts,
                 "rate": None if h.rate is None else round(h.rate, 2),
+                "shard": 0,
             }
             for host, h in self._hosts.items()
-        }
+        } | self._remote_hosts
 
     def _notify(self) -> None:
         """Wake workers waiting for a host slot, a pause to end or a stream to change."""
@@ -353,8 +501,68 @@ class FetchEngine:
         )
 
     async def run(self, streams: dict[str, tuple[list[Candidate], int]]) -> list[Outcome]:
-        """Fetch every stream to its target; returns the outcome of every tried candidate."""
+        """Fetch every stream to its target; returns the outcome of every tried candidate.
+
+        This process coordinates: it claims candidates in rank order within each stream's quota,
+        hands each to the shard that owns its host, and claims the next reserve when one fails.
+        Shard 0 runs in this event loop; with `processes` > 1 and a job large enough to pay for
+        their start, shards 1.. are processes of their own (`gbif_assets.fetch.shard`), one core each.
+        """
         self._target = sum(target for _, target in streams.values())
+        states = [_Stream(collections.deque(sorted(c, key=lambda c: c.rank)), t) for c, t in streams.values()]
+        extra = self._extra_processes(streams)
+        share = max(1, -(-self.config.concurrency // (extra + 1)))
+        self._global = asyncio.Semaphore(share)
+        reporter = asyncio.create_task(self._report_loop())
+        shards: list[Any] = []
+        serving: list[asyncio.Task[None]] = []
+        try:
+            async with self._session() as session:
+                coordinator = _Coordinator(self, states)
+                shards.append(_Shard(self, session, share, coordinator.settle))
+                if extra:
+                    from gbif_assets.fetch.shard import RemoteShard  # it imports this module: loaded on use
+
+                    child = dataclasses.replace(
+                        self.config, concurrency=share, verify_workers=max(1, self.config.verify_workers // (extra + 1))
+                    )
+                    for _ in range(extra):
+                        shards.append(await RemoteShard.start(child, coordinator.settle, self.attempts.extend))
+                serving += [asyncio.create_task(shard.serve()) for shard in shards]
+                coordinator.start(shards)
+                await asyncio.wait([coordinator.finished, *serving], return_when=asyncio.FIRST_COMPLETED)
+                for shard in shards:
+                    shard.close()
+                await asyncio.gather(*serving)  # a shard that failed raises here
+                for index, shard in enumerate(shards[1:], start=1):
+                    self._remote_hosts.update({host: r | {"shard": index} for host, r in shard.host_report.items()})
+        finally:
+            for task in serving:
+                task.cancel()
+            for shard in shards[1:]:
+                shard.kill()  # no-op once a shard process has finished
+            reporter.cancel()
+            self._emit()
+        return self.outcomes
+
+    def _extra_processes(self, streams: dict[str, tuple[list[Candidate], int]]) -> int:
+        """Shard processes beyond this one: only for jobs large enough to repay their start-up."""
+        wanted = self.config.processes - 1
+        if wanted <= 0 or sum(len(c) for c, _ in streams.values()) < self.config.shard_min_candidates:
+            return 0
+        hosts = {host_of(c.url) for cands, _ in streams.values() for c in cands}
+        return max(0, min(wanted, len(hosts) - 1))
+
+    def _cache_url(self, cand: Candidate) -> str | None:
+        """GBIF's cached copy of a publisher's image, when the recipe allows falling back to it."""
+        if not (self.config.gbif_image_cache_fallback and self.config.image_cache_base):
+            return None
+        md5 = hashlib.md5(cand.url.encode("utf-8")).hexdigest()
+        return f"{self.config.image_cache_base.rstrip('/')}/occurrence/{cand.gbif_id}/media/{md5}"
+
+    @contextlib.asynccontextmanager
+    async def _session(self) -> AsyncIterator[aiohttp.ClientSession]:
+        """The HTTP session (guarded resolver, timeouts, keep-alive pool) and the verify workers."""
         connector = aiohttp.TCPConnector(
             limit=self.config.concurrency,
             limit_per_host=self.config.per_host,
@@ -368,7 +576,6 @@ class FetchEngine:
             sock_read=self.config.timeout_s,
         )
         self._pool = self._executor()
-        reporter = asyncio.create_task(self._report_loop())
         try:
             async with aiohttp.ClientSession(
                 connector=connector,
@@ -376,12 +583,9 @@ class FetchEngine:
                 headers={"User-Agent": self.config.user_agent},
                 auto_decompress=False,
             ) as session:
-                await asyncio.gather(*(self._run_stream(session, c, t) for c, t in streams.values()))
+                yield session
         finally:
-            reporter.cancel()
             self._pool.shutdown(wait=True, cancel_futures=True)
-            self._emit()
-        return self.outcomes
 
     def _executor(self) -> Executor:
         """Image checks off the event loop: a worker process uses the second core (measured
@@ -411,83 +615,6 @@ class FetchEngine:
                 dict(self.failures),
             )
         )
-
-    async def _run_stream(self, session: aiohttp.ClientSession, candidates: list[Candidate], target: int) -> None:
-        """Workers claim candidates in rank order; a failure frees its claim for the next reserve.
-
-        A candidate is claimed only while `done + claimed < target`, so the stream never fetches
-        more than it needs. Claimed candidates wait in their host's queue (rank order within the
-        host) and start when that host can take a request: a hanging or throttled host delays
-        its own candidates, never the other hosts'.
-        """
-        queue = collections.deque(sorted(candidates, key=lambda c: c.rank))
-        parked: collections.OrderedDict[str, collections.deque[Candidate]] = collections.OrderedDict()
-        state = {"done": 0, "claimed": 0}
-
-        def take(host: str, now: float) -> float | None:
-            """0 if a request to `host` may start now (also when its breaker is open: the candidate
-            fails fast), else the seconds until it may, or None while all its slots are taken."""
-            if self._breaker.is_open(host):
-                return 0.0
-            return self._host(host).wait_s(now)
-
-        def pick() -> tuple[Candidate | None, float | None]:
-            """The next candidate that may start now; else (None, seconds until one may, if known).
-
-            Claims go in rank order, up to the quota, into per-host queues; starts go round robin
-            over the hosts that can take a request now.
-            """
-            while queue and state["done"] + state["claimed"] < target:
-                cand = queue.popleft()
-                state["claimed"] += 1
-                parked.setdefault(host_of(cand.url), collections.deque()).append(cand)
-            now, wake = time.monotonic(), None
-            for host in list(parked):
-                wait = take(host, now)
-                if wait == 0.0:
-                    waiting = parked[host]
-                    cand = waiting.popleft()
-                    if waiting:
-                        parked.move_to_end(host)  # round robin: the other hosts come first next time
-                    else:
-                        del parked[host]
-                    return cand, None
-                if wait is not None:
-                    wake = wait if wake is None else min(wake, wait)
-            return None, wake
-
-        async def worker() -> None:
-            while state["done"] < target and (queue or parked or state["claimed"]):
-                cand, when = pick()
-                if cand is None:
-                    if not queue and not parked and state["claimed"] == 0:
-                        return
-                    await self._wait_change(when)
-                    continue
-                outcome = await self._fetch(session, cand)
-                self.outcomes.append(outcome)
-                state["claimed"] -= 1
-                if outcome.ok:
-                    state["done"] += 1
-                    self._done += 1
-                else:
-                    self.failures[outcome.error or "error"] += 1
-                self._notify()
-
-        if target > 0:
-            await asyncio.gather(*(worker() for _ in range(min(target, self.config.concurrency, len(queue)))))
-
-    async def _fetch(self, session: aiohttp.ClientSession, cand: Candidate) -> Outcome:
-        host = host_of(cand.url)
-        outcome = await self._fetch_with_retries(session, cand, cand.url, host, "publisher")
-        if not outcome.ok and self.config.gbif_image_cache_fallback and self.config.image_cache_base:
-            md5 = hashlib.md5(cand.url.encode("utf-8")).hexdigest()
-            cache_url = f"{self.config.image_cache_base.rstrip('/')}/occurrence/{cand.gbif_id}/media/{md5}"
-            cache_host = host_of(cache_url)
-            rescued = await self._fetch_with_retries(session, cand, cache_url, cache_host, "gbif_cache")
-            if rescued.ok:
-                return rescued
-        return outcome
 
     async def _fetch_with_retries(
         self, session: aiohttp.ClientSession, cand: Candidate, url: str, host: str, source: str

@@ -9,8 +9,6 @@ is a clear error that names the user and never the password.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
-import email.utils
 import json
 import logging
 import os
@@ -20,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+
+from gbif_assets.retry_after import retry_after_seconds
 
 log = logging.getLogger(__name__)
 USER_AGENT = "gbif-assets/0.1 (+https://github.com/gbif-assets)"
@@ -40,22 +40,6 @@ class GbifAuthError(GbifError):
 
 class DownloadGone(GbifError):
     """The download's file was erased (HTTP 410 / FILE_ERASED): request a new download."""
-
-
-def retry_after_seconds(value: str | None, default: float) -> float:
-    """Retry-After as seconds, from either form GBIF and publishers use (seconds or HTTP-date)."""
-    if not value:
-        return default
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return default
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.UTC)
-    return max(0.0, (when - dt.datetime.now(dt.UTC)).total_seconds())
 
 
 class GbifClient:
