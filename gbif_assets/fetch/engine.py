@@ -17,6 +17,7 @@ import datetime as dt
 import hashlib
 import itertools
 import logging
+import os
 import random
 import time
 from collections.abc import AsyncIterator, Callable
@@ -336,7 +337,7 @@ class _Coordinator:
         self._load[shard] += 1
         number = next(self._numbers)
         self._jobs[number] = (state, cand, first)
-        self._shards[shard].submit(number, cand, url, source)
+        self._shards[shard].submit(number, cand, url, host, source)
 
     def settle(self, number: int, outcome: Outcome) -> None:
         """A shard's result for job `number`: count it, or try the cache, and claim what is next."""
@@ -377,13 +378,13 @@ class _Shard:
         deliver: Callable[[int, Outcome], None],
     ) -> None:
         self._engine, self._session, self._workers, self._deliver = engine, session, workers, deliver
-        self._parked: collections.OrderedDict[str, collections.deque[tuple[int, Candidate, str, str]]] = (
+        self._parked: collections.OrderedDict[str, collections.deque[tuple[int, Candidate, str, str, str]]] = (
             collections.OrderedDict()
         )
         self._closing = False
 
-    def submit(self, number: int, cand: Candidate, url: str, source: str) -> None:
-        self._parked.setdefault(host_of(url), collections.deque()).append((number, cand, url, source))
+    def submit(self, number: int, cand: Candidate, url: str, host: str, source: str) -> None:
+        self._parked.setdefault(host, collections.deque()).append((number, cand, url, host, source))
         self._engine._notify()
 
     def close(self) -> None:
@@ -394,7 +395,7 @@ class _Shard:
     async def serve(self) -> None:
         await asyncio.gather(*(self._work() for _ in range(self._workers)))
 
-    def _pick(self) -> tuple[tuple[int, Candidate, str, str] | None, float | None]:
+    def _pick(self) -> tuple[tuple[int, Candidate, str, str, str] | None, float | None]:
         """The next job whose host can take a request now; else (None, seconds until one may, if known)."""
         engine = self._engine
         now, wake = time.monotonic(), None
@@ -422,8 +423,8 @@ class _Shard:
                     return
                 await engine._wait_change(wake)
                 continue
-            number, cand, url, source = job
-            outcome = await engine._fetch_with_retries(self._session, cand, url, host_of(url), source)
+            number, cand, url, host, source = job
+            outcome = await engine._fetch_with_retries(self._session, cand, url, host, source)
             self._deliver(number, outcome)
             engine._notify()
 
@@ -744,7 +745,7 @@ class FetchEngine:
                 verified = await asyncio.get_running_loop().run_in_executor(
                     self._pool,
                     verify_image,
-                    str(tmp),
+                    tmp,
                     self.config.max_pixels,
                     self.config.resize_max_side,
                     self.config.decode_check,
@@ -752,14 +753,15 @@ class FetchEngine:
                 )
             if not verified.ok:
                 raise _Failure(verified.error or "decode_error", status, verified.detail)
-            final = cand.dest_dir / f"{cand.url_sha1}.{verified.ext}"
-            tmp.replace(final)
-            return final, verified, current, status
+            final = f"{tmp.rsplit(os.sep, 1)[0]}{os.sep}{cand.url_sha1}.{verified.ext}"
+            os.replace(tmp, final)
+            return Path(final), verified, current, status
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
             raise
 
-    async def _download(self, response: aiohttp.ClientResponse, cand: Candidate) -> tuple[Path, int, Streamed]:
+    async def _download(self, response: aiohttp.ClientResponse, cand: Candidate) -> tuple[str, int, Streamed]:
         """Stream a 200 body to a temporary file next to its final place, within max_bytes,
         hashing it and keeping its first and last bytes on the way."""
         status = response.status
@@ -783,10 +785,10 @@ class FetchEngine:
         if cand.dest_dir not in self._made_dirs:
             cand.dest_dir.mkdir(parents=True, exist_ok=True)
             self._made_dirs.add(cand.dest_dir)
-        tmp = cand.dest_dir / f".{cand.url_sha1}.{random.getrandbits(32):08x}.part"
+        tmp = os.path.join(cand.dest_dir, f".{cand.url_sha1}.{random.getrandbits(32):08x}.part")
         streamed = Streamed()
         try:
-            with tmp.open("wb") as handle:
+            with open(tmp, "wb") as handle:
                 first = True
                 async for chunk in response.content.iter_chunked(1 << 16):
                     if first:
@@ -805,6 +807,7 @@ class FetchEngine:
             if streamed.size == 0:
                 raise _Failure("not_image", status, "empty body")
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
             raise
         return tmp, status, streamed

@@ -24,12 +24,28 @@ import pickle
 import struct
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from gbif_assets.fetch.engine import Candidate, FetchConfig, FetchEngine, Outcome, _Shard
-from gbif_assets.fetch.verify import die_with_parent
+from gbif_assets.fetch.verify import Verified, die_with_parent
 
 FRAME = struct.Struct("!I")  # the byte length of the pickle that follows
+Packed = tuple[int, bool, str | None, tuple[Any, ...] | None, str | None, str | None, Any]
+
+
+def _pack(number: int, outcome: Outcome) -> Packed:
+    """An outcome without its candidate (the coordinator has it) in plain tuples: a third of
+    the pickling time of the dataclasses."""
+    verified = None if outcome.verified is None else tuple(outcome.verified.__dict__.values())
+    path = None if outcome.path is None else str(outcome.path)
+    return number, outcome.ok, path, verified, outcome.source, outcome.error, outcome.fetched_at
+
+
+def _unpack(packed: Packed, cand: Candidate) -> Outcome:
+    _, ok, path, verified, source, error, fetched_at = packed
+    return Outcome(cand, ok, None if path is None else Path(path), None if verified is None else Verified(*verified),
+                   source, error, fetched_at)  # fmt: skip
 
 
 async def _pipe_streams(read_fd: int, write_fd: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -90,6 +106,7 @@ class RemoteShard:
         self._process, self._reader, self._writer = process, reader, writer
         self._deliver, self._log_attempts = deliver, log_attempts
         self._jobs = _Batcher(lambda jobs: _send(writer, ("jobs", jobs)))
+        self._pending: dict[int, Candidate] = {}
         self.host_report: dict[str, dict[str, Any]] = {}
 
     @classmethod
@@ -123,8 +140,9 @@ class RemoteShard:
         _send(writer, ("config", config))
         return cls(process, reader, writer, deliver, log_attempts)
 
-    def submit(self, number: int, cand: Candidate, url: str, source: str) -> None:
-        self._jobs.add((number, cand, url, source))
+    def submit(self, number: int, cand: Candidate, url: str, host: str, source: str) -> None:
+        self._pending[number] = cand
+        self._jobs.add((number, cand, url, host, source))
 
     def close(self) -> None:
         self._jobs.flush()
@@ -135,8 +153,8 @@ class RemoteShard:
         while (message := await _receive(self._reader)) is not None:
             if message[0] == "results":
                 self._log_attempts(message[2])
-                for number, outcome in message[1]:
-                    self._deliver(number, outcome)
+                for packed in message[1]:
+                    self._deliver(packed[0], _unpack(packed, self._pending.pop(packed[0])))
             elif message[0] == "done":
                 self._log_attempts(message[2])
                 self.host_report = message[1]
@@ -161,13 +179,15 @@ async def _serve(read_fd: int, write_fd: int) -> None:
         raise SystemExit("fetch shard: expected its configuration first")
     engine = FetchEngine(first[1])
 
-    def send_results(results: list[tuple[int, Outcome]]) -> None:
+    def send_results(results: list[Packed]) -> None:
         attempts, engine.attempts = engine.attempts, []
         _send(writer, ("results", results, attempts))
 
     results = _Batcher(send_results)
     async with engine._session() as session:
-        shard = _Shard(engine, session, engine.config.concurrency, lambda number, done: results.add((number, done)))
+        shard = _Shard(
+            engine, session, engine.config.concurrency, lambda number, done: results.add(_pack(number, done))
+        )
         serving = asyncio.create_task(shard.serve())
         while (message := await _receive(reader)) is not None and message[0] == "jobs":
             for job in message[1]:
