@@ -1,11 +1,12 @@
-"""The image fetch engine: one event loop, global and per-host limits, retries, quota.
+"""The image fetch engine: event loops with global and per-host limits, retries, quota.
 
 Peers fail in known ways: gbif-dl stalls on a connection error and has no timeouts, gbifxdl
 cannot resume, img2dataset has no per-host limit and no backoff, gbif-image-downloader is
-sequential. This engine streams bodies to temporary files, verifies them in a worker process,
-renames only verified files into place, replaces dead links from the same stream's reserve,
-tries GBIF's image cache before giving up, and logs every attempt.
-"""
+sequential. This engine streams bodies to temporary files (hashing and header-checking them on
+the way; decoding, when asked, in a worker process), renames only verified files into place,
+replaces dead links from the same stream's reserve, tries GBIF's image cache before giving up,
+and logs every attempt. A coordinator keeps the quota; shards (this event loop, and shard
+processes for large jobs, see `shard.py`) each own a set of hosts."""
 
 from __future__ import annotations
 
