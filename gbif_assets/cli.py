@@ -114,8 +114,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Console entry point; recipe and GBIF errors become one clear line and exit code 2."""
+    """Console entry point; recipe, GBIF and settings errors become one clear line and exit code 2."""
     from gbif_assets.gbif import GbifError
+    from gbif_assets.settings import SettingsError
 
     args = _parser().parse_args(argv)
     try:
@@ -125,6 +126,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except GbifError as exc:
         print(f"error: GBIF: {exc}", file=sys.stderr)
+        return 2
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; re-run the same command to resume", file=sys.stderr)

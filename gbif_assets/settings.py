@@ -15,6 +15,10 @@ def env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in _TRUE
 
 
+class SettingsError(ValueError):
+    """An environment variable with a value we cannot use; the message names it."""
+
+
 def fetch_processes_from_env() -> int:
     """GBIF_ASSETS_FETCH_PROCESSES: event loops the image fetch may use, one per process (default:
     one per core, at most 4); a large partition is split between them by host."""
@@ -22,7 +26,7 @@ def fetch_processes_from_env() -> int:
     if not raw:
         return max(1, min(os.cpu_count() or 1, 4))
     if not raw.isdigit() or int(raw) < 1:
-        raise ValueError(f"GBIF_ASSETS_FETCH_PROCESSES must be a whole number of processes, 1 or more (got {raw!r})")
+        raise SettingsError(f"GBIF_ASSETS_FETCH_PROCESSES must be a whole number of processes, 1 or more (got {raw!r})")
     return int(raw)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -144,3 +145,13 @@ def test_demo_command_offline(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "build succeeded" in out.stdout
     _assert_dataset(tmp_path / "data" / "invasive_plants", {"5352251", "3190653", "3189866"})
+
+
+def test_a_bad_setting_is_one_clear_line_and_nothing_is_written(tmp_path: Path) -> None:
+    env = {**os.environ, "GBIF_ASSETS_FETCH_PROCESSES": "many", "GBIF_ASSETS_HOME": str(tmp_path / "data")}
+    recipe = ROOT / "datasets" / "invasive_plants.yaml"
+    done = subprocess.run([sys.executable, "-m", "gbif_assets.cli", "build", str(recipe)], capture_output=True,
+                          text=True, env=env, timeout=120)  # fmt: skip
+    assert done.returncode == 2
+    assert "GBIF_ASSETS_FETCH_PROCESSES must be a whole number" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "data").exists()
