@@ -552,8 +552,12 @@ class FetchEngine:
         wanted = self.config.processes - 1
         if wanted <= 0 or sum(len(c) for c, _ in streams.values()) < self.config.shard_min_candidates:
             return 0
-        hosts = {host_of(c.url) for cands, _ in streams.values() for c in cands}
-        return max(0, min(wanted, len(hosts) - 1))
+        hosts: set[str] = set()
+        for cand in itertools.chain.from_iterable(cands for cands, _ in streams.values()):
+            hosts.add(host_of(cand.url))
+            if len(hosts) > wanted:
+                break  # enough hosts for every process
+        return min(wanted, len(hosts) - 1)
 
     def _cache_url(self, cand: Candidate) -> str | None:
         """GBIF's cached copy of a publisher's image, when the recipe allows falling back to it."""
