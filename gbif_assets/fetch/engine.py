@@ -51,7 +51,6 @@ RATE_WINDOW_S = 1.0  # a rate-limiting host's window (at least its Retry-After)
 RATE_START = 0.85  # first 429: pace at this share of the answers accepted in the last window
 RATE_CUT = 0.95  # a later 429: pace at this share of what the host accepted in the last window
 RATE_STEP = 0.05  # the pace grows by this share per probe
-PROBE_WINDOWS = 1  # windows between probes (a probe is answered, or refused, within them)
 PROBE_HOLD_S = 8.0  # after a 429, the pace holds this long before growing (doubled per later 429)
 PROBE_HOLD_MAX_S = 60.0
 MIN_RATE = 0.2
@@ -187,8 +186,9 @@ class _HostLimit:
     `RATE_START` x the answers the host accepted in the last second (which straddles two of its
     windows, so it can be above the host's own limit); a later 429 sets it to `RATE_CUT` x the rate
     accepted since the last pause (paced evenly, close to the host's limit). After a
-    cut the rate holds for `hold_s`, then grows by `RATE_STEP` per `PROBE_WINDOWS` windows; each
-    cut doubles `hold_s`, since every probe that fails costs a Retry-After pause.
+    cut the rate holds for `hold_s`, then grows by `RATE_STEP`, and holds again after each step;
+    each cut doubles `hold_s`, since every probe that fails costs the whole host a Retry-After
+    pause (growing every window instead cost one pause per ~10 s at a steady limit).
     """
 
     def __init__(self, ceiling: int) -> None:
@@ -208,7 +208,6 @@ class _HostLimit:
         self.next_start = 0.0
         self.hold_s = PROBE_HOLD_S
         self.grow_after = 0.0
-        self.step_s = PROBE_WINDOWS * RATE_WINDOW_S
         self.accepted: collections.deque[float] = collections.deque()  # recent successes
         self._freed = asyncio.Event()
 
@@ -254,7 +253,7 @@ class _HostLimit:
                 self.accepted.popleft()
             if self.rate is not None and now >= self.grow_after:
                 self.rate *= 1.0 + RATE_STEP
-                self.grow_after = now + self.step_s
+                self.grow_after = now + self.hold_s  # each probe holds too: a refused one costs a pause
             self._freed.set()
             return
         self.throttled += 1
@@ -279,7 +278,6 @@ class _HostLimit:
             self.hold_s = min(PROBE_HOLD_MAX_S, self.hold_s * 2)
         self.cuts += 1
         self.grow_after = self.paused_until + self.hold_s
-        self.step_s = PROBE_WINDOWS * window
         log.debug("429: %d connections, %.1f requests/s, hold %.0f s", self.slots(), self.rate, self.hold_s)
 
 
