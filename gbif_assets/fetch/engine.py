@@ -22,7 +22,6 @@ import os
 import random
 import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,8 @@ from gbif_assets.fetch.safety import (
     host_literal_allowed,
     sniff,
 )
-from gbif_assets.fetch.verify import Streamed, Verified, die_with_parent, settle_streamed, verify_image
+from gbif_assets.fetch.verify import Streamed, Verified, settle_streamed
+from gbif_assets.fetch.workers import VerifyPool
 from gbif_assets.retry_after import retry_after_seconds
 
 log = logging.getLogger(__name__)
@@ -78,8 +78,7 @@ class FetchConfig:
     breaker_failures: int = 5
     breaker_open_s: float = 60.0
     progress_every_s: float = 3.0
-    verify_workers: int = 2
-    verify_processes: bool = True
+    verify_workers: int = 2  # processes decoding images (when decode_check is on) per event loop
     decode_check: bool = True
     processes: int = 1  # event loops, one per process (shards owning disjoint hosts); see run()
     shard_min_candidates: int = 2_000  # below this, starting shard processes costs more than it saves
@@ -443,7 +442,7 @@ class FetchEngine:
         self._literal_ok: dict[str, bool] = {}  # host -> an IP literal we may connect to (or a name)
         self._changed = asyncio.Event()
         self._global = asyncio.Semaphore(config.concurrency)
-        self._pool: Executor | None = None
+        self._pool: VerifyPool  # one per session (see _session)
         self._made_dirs: set[Path] = set()
         self._done = 0
         self._target = 0
@@ -579,7 +578,7 @@ class FetchEngine:
             connect=self.config.timeout_s,
             sock_read=self.config.timeout_s,
         )
-        self._pool = self._executor()
+        self._pool = VerifyPool(self.config.verify_workers)
         try:
             async with aiohttp.ClientSession(
                 connector=connector,
@@ -589,14 +588,7 @@ class FetchEngine:
             ) as session:
                 yield session
         finally:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-
-    def _executor(self) -> Executor:
-        """Image checks off the event loop: a worker process uses the second core (measured
-        faster than threads, which fight the loop for the GIL); threads when processes are off."""
-        if self.config.verify_processes:
-            return ProcessPoolExecutor(max_workers=self.config.verify_workers, initializer=die_with_parent)
-        return ThreadPoolExecutor(max_workers=self.config.verify_workers, thread_name_prefix="verify")
+            await self._pool.close()
 
     async def _report_loop(self) -> None:
         while True:
@@ -745,9 +737,7 @@ class FetchEngine:
             if not self.config.decode_check and not self.config.resize_max_side:
                 verified = settle_streamed(streamed, self.config.max_pixels)
             if verified is None:
-                verified = await asyncio.get_running_loop().run_in_executor(
-                    self._pool,
-                    verify_image,
+                verified = await self._pool.verify(
                     tmp,
                     self.config.max_pixels,
                     self.config.resize_max_side,

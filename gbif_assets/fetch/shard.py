@@ -8,29 +8,24 @@ to it. A host belongs to one shard for the whole run, so per-host limits, pacing
 breakers stay exact; the coordinator keeps each stream's quota and reserve order, the attempt
 log and the progress figures.
 
-Parent and shard talk over two pipes with length-prefixed pickles: jobs in; results and attempt
-rows out, batched once per event-loop turn. A shard dies with its parent (PR_SET_PDEATHSIG), so
-a `kill -9` of a build leaves no fetch process behind.
-
-    python -m gbif_assets.fetch.shard JOBS_FD RESULTS_FD   (started by RemoteShard, not by hand)
+Parent and shard talk over two pipes (`pipes.py`): jobs in; results and attempt rows out, batched
+once per event-loop turn. A shard dies with its parent (PR_SET_PDEATHSIG), so a `kill -9` of a
+build leaves no fetch process behind. Started by `RemoteShard`, not by hand.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import pickle
-import struct
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from gbif_assets.fetch.engine import Candidate, FetchConfig, FetchEngine, Outcome, _Shard
+from gbif_assets.fetch.pipes import Batcher, child_fds, pipe_streams, receive, send, start_child
 from gbif_assets.fetch.verify import Verified, die_with_parent
 
-FRAME = struct.Struct("!I")  # the byte length of the pickle that follows
 Packed = tuple[int, bool, str | None, tuple[Any, ...] | None, str | None, str | None, Any]
 
 
@@ -48,50 +43,6 @@ def _unpack(packed: Packed, cand: Candidate) -> Outcome:
                    source, error, fetched_at)  # fmt: skip
 
 
-async def _pipe_streams(read_fd: int, write_fd: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """asyncio streams over two pipe ends: writes are buffered, so neither side ever blocks."""
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=1 << 30)
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb", 0))
-    transport, protocol = await loop.connect_write_pipe(
-        asyncio.streams.FlowControlMixin,
-        os.fdopen(write_fd, "wb", 0),  # type: ignore[arg-type]
-    )
-    return reader, asyncio.StreamWriter(transport, protocol, None, loop)
-
-
-def _send(writer: asyncio.StreamWriter, message: tuple[Any, ...]) -> None:
-    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-    writer.write(FRAME.pack(len(data)) + data)
-
-
-async def _receive(reader: asyncio.StreamReader) -> tuple[Any, ...] | None:
-    """The next message, or None when the other side has closed its end."""
-    try:
-        (size,) = FRAME.unpack(await reader.readexactly(FRAME.size))
-        return pickle.loads(await reader.readexactly(size))
-    except asyncio.IncompleteReadError:
-        return None
-
-
-class _Batcher:
-    """Collects items and sends them as one message at the end of the event-loop turn."""
-
-    def __init__(self, send: Callable[[list[Any]], None]) -> None:
-        self._send = send
-        self._items: list[Any] = []
-
-    def add(self, item: Any) -> None:
-        if not self._items:
-            asyncio.get_running_loop().call_soon(self.flush)
-        self._items.append(item)
-
-    def flush(self) -> None:
-        if self._items:
-            items, self._items = self._items, []
-            self._send(items)
-
-
 class RemoteShard:
     """The coordinator's handle on one shard process: the same surface as an in-process shard."""
 
@@ -105,7 +56,7 @@ class RemoteShard:
     ) -> None:
         self._process, self._reader, self._writer = process, reader, writer
         self._deliver, self._log_attempts = deliver, log_attempts
-        self._jobs = _Batcher(lambda jobs: _send(writer, ("jobs", jobs)))
+        self._jobs = Batcher(lambda jobs: send(writer, ("jobs", jobs)))
         self._pending: dict[int, Candidate] = {}
         self.host_report: dict[str, dict[str, Any]] = {}
 
@@ -117,27 +68,8 @@ class RemoteShard:
         log_attempts: Callable[[list[dict[str, Any]]], None],
     ) -> RemoteShard:
         """Start a shard process with `config` (its share of the concurrency)."""
-        jobs_read, jobs_write = os.pipe()
-        results_read, results_write = os.pipe()
-        try:
-            process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "gbif_assets.fetch.shard",
-                str(jobs_read),
-                str(results_write),
-                pass_fds=(jobs_read, results_write),
-                stdin=asyncio.subprocess.DEVNULL,
-            )
-        except BaseException:
-            for fd in (jobs_write, results_read):
-                os.close(fd)
-            raise
-        finally:
-            os.close(jobs_read)
-            os.close(results_write)
-        reader, writer = await _pipe_streams(results_read, jobs_write)
-        _send(writer, ("config", config))
+        process, reader, writer = await start_child("gbif_assets.fetch.shard")
+        send(writer, ("config", config))
         return cls(process, reader, writer, deliver, log_attempts)
 
     def submit(self, number: int, cand: Candidate, url: str, host: str, source: str) -> None:
@@ -146,11 +78,11 @@ class RemoteShard:
 
     def close(self) -> None:
         self._jobs.flush()
-        _send(self._writer, ("close",))
+        send(self._writer, ("close",))
 
     async def serve(self) -> None:
         """Deliver results until the shard reports it is done; a shard that dies is an error."""
-        while (message := await _receive(self._reader)) is not None:
+        while (message := await receive(self._reader)) is not None:
             if message[0] == "results":
                 self._log_attempts(message[2])
                 for packed in message[1]:
@@ -173,36 +105,36 @@ class RemoteShard:
 
 async def _serve(read_fd: int, write_fd: int) -> None:
     """The shard process: take jobs until told to close, fetch them, send results back."""
-    reader, writer = await _pipe_streams(read_fd, write_fd)
-    first = await _receive(reader)
+    reader, writer = await pipe_streams(read_fd, write_fd)
+    first = await receive(reader)
     if first is None or first[0] != "config":
         raise SystemExit("fetch shard: expected its configuration first")
     engine = FetchEngine(first[1])
 
     def send_results(results: list[Packed]) -> None:
         attempts, engine.attempts = engine.attempts, []
-        _send(writer, ("results", results, attempts))
+        send(writer, ("results", results, attempts))
 
-    results = _Batcher(send_results)
+    results = Batcher(send_results)
     async with engine._session() as session:
         shard = _Shard(
             engine, session, engine.config.concurrency, lambda number, done: results.add(_pack(number, done))
         )
         serving = asyncio.create_task(shard.serve())
-        while (message := await _receive(reader)) is not None and message[0] == "jobs":
+        while (message := await receive(reader)) is not None and message[0] == "jobs":
             for job in message[1]:
                 shard.submit(*job)
         shard.close()  # told to close, or the coordinator's end is gone
         await serving
     results.flush()
-    _send(writer, ("done", engine.host_report(), engine.attempts))
+    send(writer, ("done", engine.host_report(), engine.attempts))
     await writer.drain()
     writer.close()
 
 
 def main(argv: list[str]) -> None:
     die_with_parent()
-    asyncio.run(_serve(int(argv[0]), int(argv[1])))
+    asyncio.run(_serve(*child_fds(argv)))
 
 
 if __name__ == "__main__":

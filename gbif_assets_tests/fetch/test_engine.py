@@ -174,11 +174,13 @@ def test_kill_dash_nine_then_resume(hosts: ImageHosts, tmp_path: Path) -> None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and len(list(home.glob("images/*/L1/*.jpg"))) < 8:
         time.sleep(0.05)
+    workers = [p for p in Path("/proc").glob("[0-9]*") if _cmdline(p).endswith(f"--parent {proc.pid}")]
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     time.sleep(0.5)
-    orphans = [p for p in Path("/proc").glob("[0-9]*") if _cmdline(p).endswith(f"{home}")]
-    assert orphans == []  # the verification workers died with their parent
+    assert workers, "the run had started its image-check workers before the kill"
+    orphans = [p for p in Path("/proc").glob("[0-9]*") if _cmdline(p).endswith(f"--parent {proc.pid}")]
+    assert orphans == []  # the image-check workers died with their parent
     finished = {p: p.stat().st_mtime_ns for p in home.glob("images/*/L1/*.jpg")}
     assert 8 <= len(finished) < 40
     for path in finished:  # every file at a final path is a whole, valid image

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
+import os
+import signal
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from gbif_assets.emulator.imagehosts import bomb_jpeg, image_bytes
-from gbif_assets.fetch.verify import HEAD_BYTES, Streamed, settle_streamed, verify_image
+from gbif_assets.fetch.verify import HEAD_BYTES, Streamed, Verified, settle_streamed, verify_image
+from gbif_assets.fetch.workers import VerifyPool
 
 MAX_PIXELS = 89_478_485
 
@@ -121,3 +125,44 @@ def test_a_header_past_the_streamed_head_is_judged_on_the_file(tmp_path: Path) -
     path.write_bytes(data)
     verified = verify_image(str(path), MAX_PIXELS, decode=False)
     assert verified.ok and (verified.width, verified.height) == (40, 30)
+
+
+def _worker_pids() -> list[int]:
+    pids = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        if "gbif_assets.fetch.workers" in cmdline and cmdline.endswith(f"--parent {os.getpid()}"):
+            pids.append(int(entry.name))
+    return pids
+
+
+def test_a_worker_that_dies_fails_only_the_files_it_held_and_is_replaced(tmp_path: Path) -> None:
+    big = tmp_path / "big.jpg"
+    buffer = io.BytesIO()
+    Image.effect_noise((3000, 2000), 64).convert("RGB").save(buffer, "JPEG", quality=95)
+    big.write_bytes(buffer.getvalue())
+
+    async def main() -> tuple[list[Verified], Verified, int]:
+        pool = VerifyPool(1)
+        checks = [asyncio.create_task(pool.verify(str(big), MAX_PIXELS, None, True, None)) for _ in range(40)]
+        while not _worker_pids():
+            await asyncio.sleep(0.01)
+        first = _worker_pids()[0]
+        await asyncio.sleep(0.1)  # some checks done, most still queued in the worker
+        os.kill(first, signal.SIGKILL)
+        verdicts = await asyncio.gather(*checks)
+        after = await pool.verify(str(big), MAX_PIXELS, None, True, None)  # on a new worker
+        replaced = [pid for pid in _worker_pids() if pid != first]
+        await pool.close()
+        return verdicts, after, len(replaced)
+
+    verdicts, after, replaced = asyncio.run(main())
+    failed = [v for v in verdicts if not v.ok]
+    assert failed and all(
+        v.error == "decode_error" and "stopped its worker process" in (v.detail or "") for v in failed
+    )
+    assert after.ok and replaced == 1
+    assert _worker_pids() == []  # closing the pool ends its workers
