@@ -31,8 +31,8 @@ Image.MAX_IMAGE_PIXELS = None  # max_pixels is enforced here, from the header, p
 
 
 def die_with_parent() -> None:
-    """Worker initializer: on Linux, ask the kernel to kill this worker when its parent dies, so a
-    `kill -9` of a build leaves no orphaned verification processes behind."""
+    """First call in every child process (image-check workers, fetch shards): on Linux, ask the
+    kernel to kill this process when its parent dies, so a `kill -9` of a build leaves none behind."""
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
