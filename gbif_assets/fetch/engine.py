@@ -554,7 +554,7 @@ class FetchEngine:
             hosts.add(host_of(cand.url))
             if len(hosts) > wanted:
                 break  # enough hosts for every process
-        return min(wanted, len(hosts) - 1)
+        return max(0, min(wanted, len(hosts) - 1))
 
     def _cache_url(self, cand: Candidate) -> str | None:
         """GBIF's cached copy of a publisher's image, when the recipe allows falling back to it."""

@@ -142,3 +142,8 @@ def test_the_process_count_defaults_to_the_cores(monkeypatch: pytest.MonkeyPatch
     assert fetch_processes_from_env() == max(1, min(os.cpu_count() or 1, 4))
     monkeypatch.setenv("GBIF_ASSETS_FETCH_PROCESSES", "3")
     assert fetch_processes_from_env() == 3
+
+
+def test_an_empty_job_with_processes_on_finishes_at_once(tmp_path: Path) -> None:
+    engine = _run(_config(), {"s": ([], 5), "t": ([], 0)})
+    assert engine.outcomes == [] and engine.host_report() == {}
