@@ -360,7 +360,7 @@ class _Coordinator:
             self.finished.set_result(None)
 
 
-class _Shard:
+class HostShard:
     """Fetch jobs for the hosts routed here, in this event loop.
 
     Jobs wait in their host's queue and `workers` tasks serve the hosts round robin, each taking
@@ -442,7 +442,7 @@ class FetchEngine:
         self._literal_ok: dict[str, bool] = {}  # host -> an IP literal we may connect to (or a name)
         self._changed = asyncio.Event()
         self._global = asyncio.Semaphore(config.concurrency)
-        self._pool: VerifyPool  # one per session (see _session)
+        self._pool: VerifyPool  # one per session (see open_session)
         self._made_dirs: set[Path] = set()
         self._done = 0
         self._target = 0
@@ -516,9 +516,9 @@ class FetchEngine:
         shards: list[Any] = []
         serving: list[asyncio.Task[None]] = []
         try:
-            async with self._session() as session:
+            async with self.open_session() as session:
                 coordinator = _Coordinator(self, states)
-                shards.append(_Shard(self, session, share, coordinator.settle))
+                shards.append(HostShard(self, session, share, coordinator.settle))
                 if extra:
                     from gbif_assets.fetch.shard import RemoteShard  # it imports this module: loaded on use
 
@@ -564,7 +564,7 @@ class FetchEngine:
         return f"{self.config.image_cache_base.rstrip('/')}/occurrence/{cand.gbif_id}/media/{md5}"
 
     @contextlib.asynccontextmanager
-    async def _session(self) -> AsyncIterator[aiohttp.ClientSession]:
+    async def open_session(self) -> AsyncIterator[aiohttp.ClientSession]:
         """The HTTP session (guarded resolver, timeouts, keep-alive pool) and the verify workers."""
         connector = aiohttp.TCPConnector(
             limit=self.config.concurrency,

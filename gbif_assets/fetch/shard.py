@@ -1,8 +1,8 @@
 """Fetch shards in processes of their own: one event loop per core.
 
 One event loop runs on one core. Its per-image work (the HTTP exchange, hashing, the header
-check, the temporary file and rename, the attempt row) tops out near 3,000 images/s on this
-project's 2-core machines, below what the network and disk allow. So the coordinator
+check, the temporary file and rename, the attempt row) tops out at 2,600-2,800 images/s with
+decoding off on this project's 2-core machines, below what the network and disk allow. So the coordinator
 (`FetchEngine.run`) can start shard processes: each runs the same engine for the hosts routed
 to it. A host belongs to one shard for the whole run, so per-host limits, pacing and circuit
 breakers stay exact; the coordinator keeps each stream's quota and reserve order, the attempt
@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from gbif_assets.fetch.engine import Candidate, FetchConfig, FetchEngine, Outcome, _Shard
+from gbif_assets.fetch.engine import Candidate, FetchConfig, FetchEngine, HostShard, Outcome
 from gbif_assets.fetch.pipes import Batcher, child_fds, pipe_streams, receive, send, start_child
 from gbif_assets.fetch.verify import Verified, die_with_parent
 
@@ -116,8 +116,8 @@ async def _serve(read_fd: int, write_fd: int) -> None:
         send(writer, ("results", results, attempts))
 
     results = Batcher(send_results)
-    async with engine._session() as session:
-        shard = _Shard(
+    async with engine.open_session() as session:
+        shard = HostShard(
             engine, session, engine.config.concurrency, lambda number, done: results.add(_pack(number, done))
         )
         serving = asyncio.create_task(shard.serve())
