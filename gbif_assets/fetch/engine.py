@@ -733,9 +733,7 @@ class FetchEngine:
         else:
             raise _Failure("too_many_redirects", detail=f"more than {MAX_REDIRECTS} redirects from {url[:200]}")
         try:  # verification runs after the connection slot is released
-            verified = None
-            if not self.config.decode_check and not self.config.resize_max_side:
-                verified = settle_streamed(streamed, self.config.max_pixels)
+            verified = settle_streamed(streamed, self.config.max_pixels) if streamed.ends else None
             if verified is None:
                 verified = await self._pool.verify(
                     tmp,
@@ -746,7 +744,7 @@ class FetchEngine:
                 )
             if not verified.ok:
                 raise _Failure(verified.error or "decode_error", status, verified.detail)
-            final = f"{tmp.rsplit(os.sep, 1)[0]}{os.sep}{cand.url_sha1}.{verified.ext}"
+            final = os.path.join(cand.dest_dir, f"{cand.url_sha1}.{verified.ext}")
             os.replace(tmp, final)
             return Path(final), verified, current, status
         except BaseException:
@@ -779,7 +777,7 @@ class FetchEngine:
             cand.dest_dir.mkdir(parents=True, exist_ok=True)
             self._made_dirs.add(cand.dest_dir)
         tmp = os.path.join(cand.dest_dir, f".{cand.url_sha1}.{random.getrandbits(32):08x}.part")
-        streamed = Streamed()
+        streamed = Streamed(ends=not self.config.decode_check and not self.config.resize_max_side)
         try:
             with open(tmp, "wb") as handle:
                 first = True

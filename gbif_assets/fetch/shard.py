@@ -32,7 +32,7 @@ Packed = tuple[int, bool, str | None, tuple[Any, ...] | None, str | None, str | 
 def _pack(number: int, outcome: Outcome) -> Packed:
     """An outcome without its candidate (the coordinator has it) in plain tuples: a third of
     the pickling time of the dataclasses."""
-    verified = None if outcome.verified is None else tuple(outcome.verified.__dict__.values())
+    verified = None if outcome.verified is None else outcome.verified.as_tuple()
     path = None if outcome.path is None else str(outcome.path)
     return number, outcome.ok, path, verified, outcome.source, outcome.error, outcome.fetched_at
 

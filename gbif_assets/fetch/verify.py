@@ -18,6 +18,7 @@ import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
@@ -52,14 +53,20 @@ class Verified:
     sha256: str | None = None
     size: int = 0
 
+    def as_tuple(self) -> tuple[Any, ...]:
+        """The fields in order, for sending between processes (a third of the dataclass's pickle)."""
+        return tuple(self.__dict__.values())
+
 
 class Streamed:
     """What the engine learns about a body while writing it: sha256, size, first and last bytes."""
 
-    __slots__ = ("digest", "head", "size", "tail")
+    __slots__ = ("digest", "ends", "head", "size", "tail")
 
-    def __init__(self) -> None:
+    def __init__(self, ends: bool = True) -> None:
+        """`ends=False`: hash only (the file will be decoded from disk, so head and tail go unused)."""
         self.digest = hashlib.sha256()
+        self.ends = ends
         self.head = bytearray()
         self.tail = b""
         self.size = 0
@@ -67,6 +74,8 @@ class Streamed:
     def update(self, chunk: bytes) -> None:
         self.digest.update(chunk)
         self.size += len(chunk)
+        if not self.ends:
+            return
         if len(self.head) < HEAD_BYTES:
             self.head += chunk[: HEAD_BYTES - len(self.head)]
         self.tail = chunk[-TAIL_BYTES:] if len(chunk) >= TAIL_BYTES else (self.tail + chunk)[-TAIL_BYTES:]

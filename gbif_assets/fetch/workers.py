@@ -107,7 +107,7 @@ def _serve(read_fd: int, write_fd: int) -> None:
     with os.fdopen(read_fd, "rb") as requests, os.fdopen(write_fd, "wb") as answers:
         while len(head := requests.read(FRAME.size)) == FRAME.size:
             batch: list[tuple[int, tuple[Any, ...]]] = pickle.loads(requests.read(FRAME.unpack(head)[0]))
-            verdicts = [(number, tuple(verify_image(*args).__dict__.values())) for number, args in batch]
+            verdicts = [(number, verify_image(*args).as_tuple()) for number, args in batch]
             data = pickle.dumps(verdicts, protocol=pickle.HIGHEST_PROTOCOL)
             answers.write(FRAME.pack(len(data)) + data)
             answers.flush()
