@@ -18,6 +18,7 @@ import datetime as dt
 import hashlib
 import itertools
 import logging
+import math
 import os
 import random
 import time
@@ -48,10 +49,11 @@ BREAKER_ERRORS = {"timeout", "connect", "reset", "dns"}
 UNPROVEN_BREAKER_FAILURES = 2  # a host that never answered is given up on sooner
 SLOW_START = 2  # connections to a host before it has answered
 RATE_WINDOW_S = 1.0  # a rate-limiting host's window (at least its Retry-After)
-RATE_START = 0.85  # first 429: pace at this share of the answers accepted in the last window
-RATE_CUT = 0.95  # a later 429: pace at this share of what the host accepted in the last window
+RATE_START = 0.75  # first 429: pace at this share of the answers accepted in the last window
+RATE_CUT = 0.95  # pace at most at this share of the lowest rate the host refused
+RATE_CLIMB = 0.85  # below that, close this share of the gap every window
 RATE_STEP = 0.05  # the pace grows by this share per probe
-PROBE_HOLD_S = 8.0  # after a 429, the pace holds this long before growing (doubled per later 429)
+PROBE_HOLD_S = 15.0  # after a 429, the pace holds this long before growing (doubled per later 429)
 PROBE_HOLD_MAX_S = 60.0
 MIN_RATE = 0.2
 RATE_SIGNAL_ANSWERS = 2  # a 429 cuts only after this many answers per allowed connection in the window
@@ -167,34 +169,37 @@ class _Breaker:
 
 
 class _HostLimit:
-    """One host's connection limit, adapted to the host as we go (AIMD, as TCP does).
+    """One host's connections and, once it has said 429, its pace.
 
     Slow start: a host we know nothing about gets `SLOW_START` connections, one more per answer
     (doubling every round trip) up to `per_host`, so a host that hangs holds two slots, not
-    eight. Additive increase: past `ssthresh`, one more connection per window of answers.
-    Multiplicative decrease: a 429 halves the limit (minimum 1), at most once per window of
-    in-flight requests (429s to requests started before the last cut do not cut again), and
-    the whole host waits out Retry-After. The limit never exceeds `per_host`.
+    eight. The limit never exceeds `per_host`. Every 429 makes the whole host wait out
+    Retry-After.
 
     A host that says 429 limits requests per time window, and one connection more or less is a
     large step in rate (at 100 ms a request, one connection is 10 requests/s), so such a host is
-    also paced: request starts are spaced 1/rate apart. A 429 cuts (limit and pace) only when the
-    host accepted at least `RATE_SIGNAL_ANSWERS` x `per_host` requests in the last window, outside
-    any pause: a host that refuses sooner (at random, or every Nth request) tells no rate to
-    pace to, and the Retry-After pause alone answers it, as before. The first 429 sets the rate to
-    `RATE_START` x the answers the host accepted in the last second (which straddles two of its
-    windows, so it can be above the host's own limit); a later 429 sets it to `RATE_CUT` x the rate
-    accepted since the last pause (paced evenly, close to the host's limit). After a
-    cut the rate holds for `hold_s`, then grows by `RATE_STEP`, and holds again after each step;
-    each cut doubles `hold_s`, since every probe that fails costs the whole host a Retry-After
-    pause (growing every window instead cost one pause per ~10 s at a steady limit).
+    paced: request starts are spaced 1/rate apart. A 429 cuts the pace only when the host
+    accepted at least `RATE_SIGNAL_ANSWERS` x `per_host` requests in the last window since any
+    pause: a host that refuses sooner (at random, or every Nth request) tells no rate to pace
+    to, and the Retry-After pause alone answers it. 429s to requests sent before the last cut
+    do not cut again.
+
+    What a cut knows: A, the answers accepted in the window before the 429. The host's own
+    window may begin anywhere in ours, so its limit lies between A/2 and A; `refused` keeps the
+    lowest rate the host has refused. The first 429 paces at `RATE_START` x A, and the pace
+    climbs toward `RATE_CUT` x refused, closing `RATE_CLIMB` of the gap every window. A later
+    429 sets refused to the lower of the pace and what the last window took, and paces at
+    `RATE_CUT` x refused. At that ceiling the pace holds for `hold_s`, then probes `RATE_STEP`
+    higher and holds again; each later cut doubles `hold_s`, since every refused probe costs
+    the whole host a Retry-After pause. A late start may take up to half an interval back from
+    the next one, so a busy event loop does not slow the pace.
     """
 
     def __init__(self, ceiling: int) -> None:
         self.ceiling = ceiling
-        self.limit = float(min(SLOW_START, ceiling))
-        self.ssthresh = float(ceiling)
+        self.limit = min(SLOW_START, ceiling)
         self.active = 0
+        self.waiting = 0  # requests inside acquire()
         self.peak = 0  # most connections open at once, for logs and tests
         self.answers = 0  # HTTP answers ever received: the host is alive
         self.throttled = 0  # 429 answers
@@ -206,12 +211,14 @@ class _HostLimit:
         self.rate: float | None = None  # requests per second, once the host has said 429
         self.next_start = 0.0
         self.hold_s = PROBE_HOLD_S
+        self.window = RATE_WINDOW_S
+        self.refused = math.inf  # the lowest rate the host refused (requests per second)
         self.grow_after = 0.0
         self.accepted: collections.deque[float] = collections.deque()  # recent successes
         self._freed = asyncio.Event()
 
     def slots(self) -> int:
-        return max(1, min(self.ceiling, int(self.limit)))
+        return self.limit
 
     def wait_s(self, now: float) -> float | None:
         """Seconds until a request may start (0: now); None while every allowed slot is taken."""
@@ -219,19 +226,30 @@ class _HostLimit:
             return None
         return max(0.0, self.paused_until - now, self.next_start - now)
 
+    def due(self, now: float) -> bool:
+        """A paced host's next request may start within one pace interval and nobody waits for it:
+        a worker may take it now and wait out the interval, so the start is on time even when
+        every worker is busy at that moment."""
+        wait = self.wait_s(now)
+        return wait is not None and not self.waiting and (wait == 0.0 or (self.rate or 0.0) * wait <= 1.0)
+
     async def acquire(self) -> int:
         """Wait for a free slot, the end of any Retry-After pause and the pace; returns a ticket."""
-        while (wait := self.wait_s(time.monotonic())) != 0.0:
-            if wait is None:
-                self._freed.clear()
-                await self._freed.wait()
-            else:
-                await asyncio.sleep(wait)
+        self.waiting += 1
+        try:
+            while (wait := self.wait_s(time.monotonic())) != 0.0:
+                if wait is None:
+                    self._freed.clear()
+                    await self._freed.wait()
+                else:
+                    await asyncio.sleep(wait)
+        finally:
+            self.waiting -= 1
         self.active += 1
         self.peak = max(self.peak, self.active)
         self.started += 1
-        if self.rate:
-            self.next_start = max(time.monotonic(), self.next_start) + 1.0 / self.rate
+        if self.rate:  # a start that came late may take up to half an interval back from the next
+            self.next_start = max(time.monotonic() - 0.5 / self.rate, self.next_start) + 1.0 / self.rate
         return self.started
 
     def release(self) -> None:
@@ -243,16 +261,18 @@ class _HostLimit:
         now = time.monotonic()
         self.answers += 1
         if not throttled:
-            if self.limit < self.ssthresh:
-                self.limit = min(float(self.ceiling), self.limit + 1.0)  # slow start
-            else:
-                self.limit = min(float(self.ceiling), self.limit + 1.0 / self.limit)
+            self.limit = min(self.ceiling, self.limit + 1)  # slow start
             self.accepted.append(now)
             while self.accepted[0] < now - PROBE_HOLD_MAX_S:
                 self.accepted.popleft()
             if self.rate is not None and now >= self.grow_after:
-                self.rate *= 1.0 + RATE_STEP
-                self.grow_after = now + self.hold_s  # each probe holds too: a refused one costs a pause
+                target = RATE_CUT * self.refused
+                if self.rate < target:  # climb toward the refused rate, a share of the gap per window
+                    self.rate += (target - self.rate) * RATE_CLIMB
+                    self.grow_after = now + self.window
+                else:  # probe past it, rarely: a refused probe costs the whole host a pause
+                    self.rate *= 1.0 + RATE_STEP
+                    self.grow_after = now + self.hold_s
             self._freed.set()
             return
         self.throttled += 1
@@ -261,22 +281,22 @@ class _HostLimit:
         self.paused_until = max(self.paused_until, now + (1.0 if retry_after is None else retry_after))
         if ticket <= self.cut_ticket:
             return  # sent before the last cut: that cut already answered this congestion
-        window = max(RATE_WINDOW_S, retry_after or 0.0)
-        since = max(now - window, self.resumed_at)
-        answered = sum(1 for t in self.accepted if t >= since)
-        if now - since < window / 2 or answered < RATE_SIGNAL_ANSWERS * self.ceiling:
-            return  # too few answers, or too soon after a pause, to tell a rate: the pause is the answer
-        self.limit = max(1.0, self.slots() / 2)
-        self.ssthresh = self.limit
+        self.window = max(RATE_WINDOW_S, retry_after or 0.0)
+        answered = sum(1 for t in self.accepted if t >= max(now - self.window, self.resumed_at))
+        if answered < RATE_SIGNAL_ANSWERS * self.ceiling:
+            return  # too few answers to tell a rate: the pause is the answer
         self.cut_ticket = self.started
-        accepted = answered / (now - since)
-        if self.rate is None:
+        accepted = answered / self.window  # what one window took, even if it took it in less time
+        if self.rate is None:  # the host's window may have begun anywhere in ours: its limit is A/2..A
+            self.refused = accepted
             self.rate = max(MIN_RATE, RATE_START * accepted)
-        else:  # paced evenly, the answers accepted in the last window are close to the host's limit
-            self.rate = max(MIN_RATE, RATE_CUT * min(self.rate, accepted))
+        else:
+            self.refused = min(self.refused, self.rate, accepted)
+            self.rate = max(MIN_RATE, RATE_CUT * self.refused)
             self.hold_s = min(PROBE_HOLD_MAX_S, self.hold_s * 2)
         self.cuts += 1
-        self.grow_after = self.paused_until + self.hold_s
+        climbing = self.rate < RATE_CUT * self.refused
+        self.grow_after = self.paused_until + (self.window if climbing else self.hold_s)
         log.debug("429: %d connections, %.1f requests/s, hold %.0f s", self.slots(), self.rate, self.hold_s)
 
 
@@ -380,6 +400,7 @@ class HostShard:
             collections.OrderedDict()
         )
         self._closing = False
+        self._paced: set[str] = set()  # hosts that said 429 and are paced since
 
     def submit(self, number: int, cand: Candidate, url: str, host: str, source: str) -> None:
         self._parked.setdefault(host, collections.deque()).append((number, cand, url, host, source))
@@ -394,23 +415,33 @@ class HostShard:
         await asyncio.gather(*(self._work() for _ in range(self._workers)))
 
     def _pick(self) -> tuple[tuple[int, Candidate, str, str, str] | None, float | None]:
-        """The next job whose host can take a request now; else (None, seconds until one may, if known)."""
+        """The next job whose host can take a request now; else (None, seconds until one may, if known).
+
+        A paced host (one that said 429) comes first when its turn is due: time it loses waiting
+        for a worker can never be made up, while the other hosts' work can run at any moment.
+        """
         engine = self._engine
         now, wake = time.monotonic(), None
+        for host in self._paced:
+            if host in self._parked and engine._host(host).due(now):
+                return self._take(host), None
         for host in list(self._parked):
             # an open breaker lets the job start at once: it fails fast without a request
             wait = 0.0 if engine._breaker.is_open(host) else engine._host(host).wait_s(now)
             if wait == 0.0:
-                waiting = self._parked[host]
-                job = waiting.popleft()
-                if waiting:
-                    self._parked.move_to_end(host)  # round robin: the other hosts come first next time
-                else:
-                    del self._parked[host]
-                return job, None
+                return self._take(host), None
             if wait is not None:
                 wake = wait if wake is None else min(wake, wait)
         return None, wake
+
+    def _take(self, host: str) -> tuple[int, Candidate, str, str, str]:
+        waiting = self._parked[host]
+        job = waiting.popleft()
+        if waiting:
+            self._parked.move_to_end(host)  # round robin: the other hosts come first next time
+        else:
+            del self._parked[host]
+        return job
 
     async def _work(self) -> None:
         engine = self._engine
@@ -423,6 +454,8 @@ class HostShard:
                 continue
             number, cand, url, host, source = job
             outcome = await engine._fetch_with_retries(self._session, cand, url, host, source)
+            if engine._host(host).rate is not None:
+                self._paced.add(host)
             self._deliver(number, outcome)
             engine._notify()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import hashlib
 import os
 import signal
@@ -230,6 +231,24 @@ def test_rate_limited_host_is_paced_not_hammered(hosts: ImageHosts, tmp_path: Pa
     assert report["throttled"] == refused and report["cuts"] >= 1
     assert report["rate"] is not None and report["rate"] <= 20 * 1.05, report  # paced at the host's rate, or below
     assert elapsed < 80 / 20 * 2, elapsed  # 4 s at the host's rate; Retry-After pauses and a slower pace cost some
+
+
+def test_paced_host_keeps_its_pace_while_every_worker_is_busy(hosts: ImageHosts, tmp_path: Path) -> None:
+    """A slow host could keep all 8 workers for 6 s; the 20 requests/s host still gets its turn
+    on time (it comes first when its pace is due), so its 60 images take ~3 s, not the ~5 s they
+    took when it waited in the round robin like any host."""
+    slow = [_cand(f"{hosts.base_urls['slow']}/busy/{i}.jpg", tmp_path, rank=2 * i) for i in range(240)]
+    paced = [_cand(f"{hosts.base_urls['rate20']}/busy/{i}.jpg", tmp_path, rank=2 * i + 1) for i in range(60)]
+    started = dt.datetime.now(dt.UTC)
+    engine = _run(_config(per_host=8, concurrency=8), {"s": (slow + paced, 300)})
+    assert sum(o.ok for o in engine.outcomes) == 300
+    finished = {
+        host: max(o.fetched_at for o in engine.outcomes if o.candidate.url.startswith(hosts.base_urls[host]))
+        for host in ("slow", "rate20")
+    }
+    assert (finished["slow"] - started).total_seconds() > 5.5  # the workers were busy all along
+    assert (finished["rate20"] - started).total_seconds() < 4.0, finished
+    assert engine.host_report()["127.0.0.22"]["cuts"] >= 1  # it was paced
 
 
 def test_host_that_never_answered_costs_one_timeout(hosts: ImageHosts, tmp_path: Path) -> None:
