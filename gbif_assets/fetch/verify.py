@@ -138,8 +138,8 @@ def verify_image(
             if refusal is not None:
                 return refusal
             if decode or resize_max_side or not _ends_properly(_tail_of(path), fmt):
-                if fmt == "JPEG":
-                    img.draft("RGB", (max(1, width // 8), max(1, height // 8)))
+                if fmt == "JPEG":  # every coefficient is still entropy-decoded; grey skips the colour work
+                    img.draft("L", (max(1, width // 8), max(1, height // 8)))
                 img.load()
             if resize_max_side and max(width, height) > resize_max_side:
                 resized = img.convert("RGB") if img.mode not in ("RGB", "L") else img

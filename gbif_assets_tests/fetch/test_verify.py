@@ -54,6 +54,20 @@ def test_a_decompression_bomb_is_refused_from_its_header(tmp_path: Path, decode:
     assert not verified.ok and verified.error == "too_large" and "60000x60000" in (verified.detail or "")
 
 
+@pytest.mark.parametrize("decode", [True, False])
+def test_a_broken_scan_behind_a_good_end_marker_is_caught_only_by_the_decode(tmp_path: Path, decode: bool) -> None:
+    """What `decode_check` buys: a frame marker in the middle of the scan data, with the header and
+    the end marker intact, passes the header check and fails the (greyscale draft) decode."""
+    data = image_bytes("https://h/e.jpg")
+    middle = (data.find(b"\xff\xda") + len(data)) // 2
+    path = tmp_path / "broken.jpg"
+    path.write_bytes(data[:middle] + b"\xff\xc0\x00\x11" + data[middle + 4 :])
+    verified = verify_image(str(path), MAX_PIXELS, decode=decode)
+    assert verified.ok is not decode
+    if decode:
+        assert verified.error == "decode_error" and "broken data stream" in (verified.detail or "")
+
+
 def test_data_appended_after_the_image_is_decoded_not_rejected(tmp_path: Path) -> None:
     """Motion photos append a video after the JPEG's end marker: a valid image, so it is decoded to be sure."""
     path = tmp_path / "motion.jpg"
