@@ -56,6 +56,7 @@ RATE_STEP = 0.05  # the pace grows by this share per probe
 PROBE_HOLD_S = 15.0  # after a 429, the pace holds this long before growing (doubled per later 429)
 PROBE_HOLD_MAX_S = 60.0
 MIN_RATE = 0.2
+PACE_LOOKAHEAD_S = 0.05  # a worker holds a paced host's next job at most this long before its start
 RATE_SIGNAL_ANSWERS = 2  # a 429 cuts only after this many answers per allowed connection in the window
 USER_AGENT = "gbif-assets/0.1 (training-set builder; polite: per-host limits, backoff)"
 
@@ -227,11 +228,13 @@ class _HostLimit:
         return max(0.0, self.paused_until - now, self.next_start - now)
 
     def due(self, now: float) -> bool:
-        """A paced host's next request may start within one pace interval and nobody waits for it:
-        a worker may take it now and wait out the interval, so the start is on time even when
-        every worker is busy at that moment."""
+        """A paced host's next request may start within one pace interval (at most
+        `PACE_LOOKAHEAD_S`) and nobody waits for it: a worker may take it now and wait out the
+        rest, so the start is on time even when every worker is busy at that moment."""
         wait = self.wait_s(now)
-        return wait is not None and not self.waiting and (wait == 0.0 or (self.rate or 0.0) * wait <= 1.0)
+        if wait is None or self.waiting:
+            return False
+        return wait == 0.0 or wait <= min(PACE_LOOKAHEAD_S, 1.0 / (self.rate or math.inf))
 
     async def acquire(self) -> int:
         """Wait for a free slot, the end of any Retry-After pause and the pace; returns a ticket."""
