@@ -2,7 +2,8 @@
 
 Each host has one fault profile taken from what publishers really do to image downloaders:
 slow answers, dead links (404/403/401), 429 with Retry-After, flaky 5xx, connection resets,
-truncated bodies, HTML served as image/jpeg, huge files, decompression bombs and redirect chains.
+truncated bodies, HTML served as image/jpeg, huge files, decompression bombs, redirect chains,
+and images gzip-compressed for any client that says it accepts gzip.
 Every host counts its open connections so tests can assert the per-host politeness limit.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gzip
 import hashlib
 import io
 import random
@@ -40,6 +42,7 @@ FAULTS = (
     "redirect_loop",
     "redirect_scheme",
     "hang",
+    "gzip",
 )
 
 
@@ -244,6 +247,11 @@ class _Host:
             self._count(200)
             return response
         self._count(200)
+        if fault == "gzip" and "gzip" in request.headers.get("Accept-Encoding", ""):
+            # a server that compresses every type it may (images included) when the client says it can decode
+            return web.Response(
+                body=gzip.compress(body), headers={"Content-Type": "image/jpeg", "Content-Encoding": "gzip"}
+            )
         return web.Response(body=body, headers={"Content-Type": "image/jpeg"})
 
     async def _huge(self, request: web.BaseRequest, size: int, chunked: bool) -> web.StreamResponse:

@@ -619,7 +619,8 @@ class FetchEngine:
             async with aiohttp.ClientSession(
                 connector=connector,
                 timeout=timeout,
-                headers={"User-Agent": self.config.user_agent},
+                # the stored file is the body as sent: ask for it uncompressed (aiohttp offers gzip by default)
+                headers={"User-Agent": self.config.user_agent, "Accept-Encoding": "identity"},
                 auto_decompress=False,
             ) as session:
                 yield session

@@ -28,6 +28,7 @@ PROFILES = [
     HostProfile("hang", "127.0.0.20", "hang", {"hang_s": 30}),
     HostProfile("slow", "127.0.0.21", "slow", {"delay_s": 0.2}),
     HostProfile("rate20", "127.0.0.22", "rate429", {"rate": 20, "retry_after": "1"}),
+    HostProfile("gzip", "127.0.0.23", "gzip"),
 ]
 
 

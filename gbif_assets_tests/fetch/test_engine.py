@@ -12,12 +12,13 @@ import sys
 import time
 from pathlib import Path
 
+import aiohttp
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from gbif_assets.emulator.imagehosts import ImageHosts
+from gbif_assets.emulator.imagehosts import ImageHosts, image_bytes
 from gbif_assets.fetch import Candidate, FetchConfig, FetchEngine, download_label
 
 
@@ -249,6 +250,26 @@ def test_paced_host_keeps_its_pace_while_every_worker_is_busy(hosts: ImageHosts,
     assert (finished["slow"] - started).total_seconds() > 5.5  # the workers were busy all along
     assert (finished["rate20"] - started).total_seconds() < 4.0, finished
     assert engine.host_report()["127.0.0.22"]["cuts"] >= 1  # it was paced
+
+
+def test_images_come_uncompressed_from_a_host_that_gzips_when_asked(hosts: ImageHosts, tmp_path: Path) -> None:
+    """aiohttp offers gzip by default; a server that then compresses its JPEGs would have them
+    refused as not images (the stored file is the body as sent). The engine asks for identity."""
+    base = hosts.base_urls["gzip"]
+
+    async def default_client_encoding() -> str | None:
+        async with (
+            aiohttp.ClientSession(auto_decompress=False) as session,
+            session.get(f"{base}/probe.jpg") as response,
+        ):
+            return response.headers.get("Content-Encoding")
+
+    assert asyncio.run(default_client_encoding()) == "gzip"  # the host does compress when offered
+    cands = [_cand(f"{base}/photos/{i}.jpg", tmp_path, rank=i) for i in range(5)]
+    engine = _run(_config(), {"s": (cands, 5)})
+    assert [o.ok for o in engine.outcomes] == [True] * 5, [o.error for o in engine.outcomes]
+    for outcome in engine.outcomes:
+        assert outcome.path is not None and outcome.path.read_bytes() == image_bytes(outcome.candidate.url)
 
 
 def test_host_that_never_answered_costs_one_timeout(hosts: ImageHosts, tmp_path: Path) -> None:
