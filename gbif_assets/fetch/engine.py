@@ -149,6 +149,7 @@ class _Breaker:
         self.failures, self.open_s = failures, open_s
         self.count: dict[str, int] = collections.defaultdict(int)
         self.open_until: dict[str, float] = {}
+        self.why: dict[str, str] = {}  # host -> why it is closed, for the attempt log
 
     def is_open(self, host: str) -> bool:
         until = self.open_until.get(host)
@@ -160,11 +161,17 @@ class _Breaker:
             return False
         return True
 
+    def hold(self, host: str, seconds: float) -> None:
+        """Keep the host closed for `seconds` (it asked for that long a pause)."""
+        self.open_until[host] = max(self.open_until.get(host, 0.0), time.monotonic() + seconds)
+        self.why[host] = f"the host asked for a {seconds:.0f} s pause (Retry-After); skipped for this run"
+
     def record(self, host: str, error: str | None, proven: bool = True) -> None:
         if error in BREAKER_ERRORS:
             self.count[host] += 1
             if self.count[host] >= (self.failures if proven else min(self.failures, UNPROVEN_BREAKER_FAILURES)):
                 self.open_until[host] = time.monotonic() + self.open_s
+                self.why[host] = f"{self.count[host]} connection failures in a row; skipped for {self.open_s:.0f} s"
         elif error is None or not error.startswith("http_5"):
             self.count[host] = 0
 
@@ -656,7 +663,8 @@ class FetchEngine:
         failures = throttled = 0
         for attempt in itertools.count(1):
             if self._breaker.is_open(host):
-                self._log(cand, url, host, None, None, "circuit_open", 0, time.monotonic(), attempt, source)
+                self._log(cand, url, host, None, None, "circuit_open", 0, time.monotonic(), attempt, source,
+                          self._breaker.why.get(host))  # fmt: skip
                 return Outcome(cand, False, error=last.error if last else "circuit_open", source=source)
             started = time.monotonic()
             try:
@@ -686,6 +694,11 @@ class FetchEngine:
                 if failure.error not in RETRYABLE or give_up:
                     break
                 delay = failure.retry_after
+                if delay is not None and delay > self.config.backoff_max_s:
+                    # a pause longer than a run waits: leave the host alone until then, and let
+                    # reserves on other hosts take its candidates (a later run tries it again)
+                    self._breaker.hold(host, delay)
+                    break
                 if failure.error == "http_429" and delay is not None:
                     continue  # the whole host waits out Retry-After (see _HostLimit.acquire)
                 if delay is None:
@@ -728,7 +741,7 @@ class FetchEngine:
             try:
                 async with self._global:
                     if self._breaker.is_open(host):  # opened while this request waited for a slot
-                        raise _Failure("circuit_open", detail=f"{host} failed repeatedly; skipped for now")
+                        raise _Failure("circuit_open", detail=self._breaker.why.get(host))
                     async with session.get(current, allow_redirects=False) as response:
                         throttled = response.status == 429
                         retry_after = (

@@ -272,6 +272,23 @@ def test_images_come_uncompressed_from_a_host_that_gzips_when_asked(hosts: Image
         assert outcome.path is not None and outcome.path.read_bytes() == image_bytes(outcome.candidate.url)
 
 
+def test_a_host_asking_for_an_hour_is_left_alone_and_reserves_fill_its_quota(hosts: ImageHosts, tmp_path: Path) -> None:
+    """429 with Retry-After: 3600 is honoured (no more requests to that host) without stalling the
+    partition for an hour: its candidates fail at once and reserves on other hosts take their place."""
+    stats = hosts.stats["closed_hour"]
+    before = stats.requests
+    closed = [_cand(f"{hosts.base_urls['closed_hour']}/hour/{i}.jpg", tmp_path, rank=i) for i in range(10)]
+    reserves = [_cand(f"{hosts.base_urls['ok']}/hour/{i}.jpg", tmp_path, rank=10 + i) for i in range(10)]
+    started = time.monotonic()
+    engine = _run(_config(backoff_max_s=30), {"s": (closed + reserves, 10)})
+    assert time.monotonic() - started < 10
+    assert sum(o.ok for o in engine.outcomes) == 10
+    assert stats.requests - before <= 2  # slow start: two requests, then the host is left alone
+    refused = [a for a in engine.attempts if "/hour/" in a["url"] and "127.0.0.24" in a["url"]]
+    assert {a["error"] for a in refused} <= {"http_429", "circuit_open"}
+    assert any("3600 s pause" in (a["detail"] or "") for a in refused if a["error"] == "circuit_open")
+
+
 def test_host_that_never_answered_costs_one_timeout(hosts: ImageHosts, tmp_path: Path) -> None:
     """Slow start gives a new host 2 connections; if both time out and the host never answered, the
     breaker opens (a host that has worked needs `breaker_failures`): one timeout, in parallel."""
