@@ -30,6 +30,7 @@ PROFILES = [
     HostProfile("rate20", "127.0.0.22", "rate429", {"rate": 20, "retry_after": "1"}),
     HostProfile("gzip", "127.0.0.23", "gzip"),
     HostProfile("closed_hour", "127.0.0.24", "rate429", {"every": 1_000_000, "retry_after": "3600"}),
+    HostProfile("rate20_busy", "127.0.0.25", "rate429", {"rate": 20, "retry_after": "1"}),  # one test's own
 ]
 
 
