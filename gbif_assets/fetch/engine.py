@@ -225,12 +225,9 @@ class _HostLimit:
         self.accepted: collections.deque[float] = collections.deque()  # recent successes
         self._freed = asyncio.Event()
 
-    def slots(self) -> int:
-        return self.limit
-
     def wait_s(self, now: float) -> float | None:
         """Seconds until a request may start (0: now); None while every allowed slot is taken."""
-        if self.active >= self.slots():
+        if self.active >= self.limit:
             return None
         return max(0.0, self.paused_until - now, self.next_start - now)
 
@@ -239,9 +236,7 @@ class _HostLimit:
         `PACE_LOOKAHEAD_S`) and nobody waits for it: a worker may take it now and wait out the
         rest, so the start is on time even when every worker is busy at that moment."""
         wait = self.wait_s(now)
-        if wait is None or self.waiting:
-            return False
-        return wait == 0.0 or wait <= min(PACE_LOOKAHEAD_S, 1.0 / (self.rate or math.inf))
+        return wait is not None and not self.waiting and wait <= min(PACE_LOOKAHEAD_S, 1.0 / (self.rate or math.inf))
 
     async def acquire(self) -> int:
         """Wait for a free slot, the end of any Retry-After pause and the pace; returns a ticket."""
@@ -307,7 +302,7 @@ class _HostLimit:
         self.cuts += 1
         climbing = self.rate < RATE_CUT * self.refused
         self.grow_after = self.paused_until + (self.window if climbing else self.hold_s)
-        log.debug("429: %d connections, %.1f requests/s, hold %.0f s", self.slots(), self.rate, self.hold_s)
+        log.debug("429: %d connections, %.1f requests/s, hold %.0f s", self.limit, self.rate, self.hold_s)
 
 
 def host_of(url: str) -> str:
@@ -501,7 +496,7 @@ class FetchEngine:
         shard (0: this process) that fetched from it."""
         return {
             host: {
-                "limit": h.slots(),
+                "limit": h.limit,
                 "peak": h.peak,
                 "answers": h.answers,
                 "throttled": h.throttled,
