@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import io
 import os
+import random
 import signal
 from pathlib import Path
 
@@ -13,7 +14,15 @@ import pytest
 from PIL import Image
 
 from gbif_assets.emulator.imagehosts import bomb_jpeg, image_bytes
-from gbif_assets.fetch.verify import HEAD_BYTES, Streamed, Verified, settle_streamed, verify_image
+from gbif_assets.fetch.verify import (
+    HEAD_BYTES,
+    OPEN_FORMATS,
+    Streamed,
+    Verified,
+    jpeg_frame_size,
+    settle_streamed,
+    verify_image,
+)
 from gbif_assets.fetch.workers import VerifyPool
 
 MAX_PIXELS = 89_478_485
@@ -126,6 +135,73 @@ def test_streamed_bytes_refuse_a_bomb_and_leave_doubtful_files_to_the_file_check
     data = image_bytes("https://h/e.jpg")
     assert settle_streamed(_streamed(data[: len(data) // 2]), MAX_PIXELS) is None  # no end marker: decode it
     assert settle_streamed(_streamed(b"<html>" + data), MAX_PIXELS) is None  # not an image: judged on the file
+
+
+def _jpegs() -> list[bytes]:
+    """JPEGs with the header segments photos carry: JFIF, EXIF, ICC, Adobe, comments, progressive, grey, CMYK."""
+    exif = Image.Exif()
+    exif[0x010F], exif[0x0128], exif[0x011A] = "Camera", 2, 300.0
+    variants = [
+        ("RGB", {"exif": exif.tobytes(), "icc_profile": bytes(range(256)) * 8, "quality": 90}),
+        ("RGB", {"progressive": True, "optimize": True, "comment": b"field photo", "dpi": (300, 300)}),
+        ("RGB", {"restart_marker_blocks": 1, "xmp": b"<x:xmpmeta/>"}),
+        ("L", {}),
+        ("CMYK", {}),
+    ]
+    made = [image_bytes("https://h/walk.jpg")]
+    for mode, options in variants:
+        buffer = io.BytesIO()
+        Image.new(mode, (97, 61)).save(buffer, "JPEG", **options)
+        made.append(buffer.getvalue())
+    return made
+
+
+def _mutated(data: bytes, rng: random.Random) -> bytes:
+    """One damage to the header: a byte changed, a cut, or a segment dropped or doubled."""
+    scan = data.index(b"\xff\xda") + 14
+    at = rng.randrange(2, scan)
+    kind = rng.randrange(4)
+    if kind == 0:
+        return data[:at] + bytes([rng.choice([0x00, 0xFF, data[at] ^ 1, rng.randrange(256)])]) + data[at + 1 :]
+    if kind == 1:
+        return data[:at]
+    starts = [i for i in range(2, scan) if data[i] == 0xFF and data[i + 1] not in (0x00, 0xFF)]
+    first = rng.choice(starts)
+    segment = data[first : first + 2 + int.from_bytes(data[first + 2 : first + 4], "big")]
+    rest = data[first + len(segment) :]
+    return data[:first] + (segment + segment if kind == 2 else b"") + rest
+
+
+def test_the_jpeg_header_walk_answers_only_where_pillow_reads_the_same_size() -> None:
+    """The fast header walk stands in for Pillow's parse on the fetch path (decode off), so it
+    must never pass a header Pillow would refuse or read another size from; on doubt it says None
+    and Pillow decides. Seeded mutations of real headers hold it to that."""
+    rng, answered, tried = random.Random(5), 0, 0
+    for data in _jpegs():
+        with Image.open(io.BytesIO(data)) as img:
+            assert jpeg_frame_size(data) == img.size  # the usual photo takes the fast path
+        for _ in range(400):
+            damaged = _mutated(data, rng)
+            size = jpeg_frame_size(damaged)
+            tried += 1
+            if size is None:
+                continue
+            answered += 1
+            with Image.open(io.BytesIO(damaged), formats=OPEN_FORMATS) as img:
+                assert (img.format, img.size) == ("JPEG", size), damaged[:64]
+    assert answered > tried // 5  # the property was tested, not dodged
+
+
+def test_headers_the_walk_leaves_to_pillow() -> None:
+    data = image_bytes("https://h/leave.jpg")
+    sof = next(i for i in range(2, len(data)) if data[i] == 0xFF and data[i + 1] == 0xC0)
+    segment = data[sof : sof + 2 + int.from_bytes(data[sof + 2 : sof + 4], "big")]
+    two_frames = data[:sof] + segment + data[sof:]
+    mpo = data[:2] + b"\xff\xe2\x00\x08MPF\x00\x00\x00" + data[2:]
+    twelve_bit = data[: sof + 4] + b"\x0c" + data[sof + 5 :]
+    padded = data[:sof] + b"\xff" + data[sof:]
+    for damaged in (two_frames, mpo, twelve_bit, padded, data[: sof + 6]):
+        assert jpeg_frame_size(damaged) is None
 
 
 def test_a_header_past_the_streamed_head_is_judged_on_the_file(tmp_path: Path) -> None:
