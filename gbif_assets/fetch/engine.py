@@ -26,9 +26,10 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urljoin
 
 import aiohttp
+from yarl import URL
 
 from gbif_assets.fetch.safety import (
     ALLOWED_SCHEMES,
@@ -306,8 +307,14 @@ class _HostLimit:
 
 
 def host_of(url: str) -> str:
-    """The lower-cased host name of a URL ('' when it has none)."""
-    return (urlsplit(url).hostname or "").lower()
+    """The lower-cased host a request to `url` connects to ('' when it has none or does not parse).
+
+    aiohttp's own parser (yarl) reads it, so the host that is checked, limited and paced is the
+    host the request goes to."""
+    try:
+        return (URL(url).raw_host or "").lower()
+    except ValueError:  # e.g. an unclosed IPv6 bracket: the attempt fails it as blocked
+        return ""
 
 
 @dataclass
@@ -719,11 +726,13 @@ class FetchEngine:
     ) -> tuple[Path, Verified, str, int]:
         current = url
         for _hop in range(MAX_REDIRECTS + 1):
-            parts = urlsplit(current)
-            scheme = parts.scheme.lower()
-            if scheme not in ALLOWED_SCHEMES:
-                raise _Failure("blocked", detail=f"scheme {scheme or '(none)'} is not http(s): {current[:200]}")
-            host = (parts.hostname or "").lower()
+            try:
+                target = URL(current)  # parsed once: the checks below and the request see the same host
+            except ValueError as exc:
+                raise _Failure("blocked", detail=f"invalid URL {current[:200]}: {exc}") from None
+            if target.scheme not in ALLOWED_SCHEMES:
+                raise _Failure("blocked", detail=f"scheme {target.scheme or '(none)'} is not http(s): {current[:200]}")
+            host = (target.raw_host or "").lower()
             if host not in self._literal_ok:
                 self._literal_ok[host] = host_literal_allowed(host, self.config.allow_private_hosts)
             if not self._literal_ok[host]:
@@ -737,7 +746,7 @@ class FetchEngine:
                 async with self._global:
                     if self._breaker.is_open(host):  # opened while this request waited for a slot
                         raise _Failure("circuit_open", detail=self._breaker.why.get(host))
-                    async with session.get(current, allow_redirects=False) as response:
+                    async with session.get(target, allow_redirects=False) as response:
                         throttled = response.status == 429
                         retry_after = (
                             retry_after_seconds(response.headers.get("Retry-After"), None) if throttled else None

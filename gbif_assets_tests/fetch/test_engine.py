@@ -109,6 +109,18 @@ def test_private_addresses_refused_before_any_request(hosts: ImageHosts, tmp_pat
     assert not tmp_path.exists() or not any(tmp_path.iterdir())
 
 
+def test_urls_that_do_not_parse_are_blocked_and_replaced(hosts: ImageHosts, tmp_path: Path) -> None:
+    """An unclosed IPv6 bracket, a port past 65535, a backslash in the authority: each is refused
+    without a request (it once stopped the whole run), and the stream takes its next candidate."""
+    ok = hosts.base_urls["ok"]
+    bad = ["http://[::1/x.jpg", ok.replace(ok.rsplit(":", 1)[1], "99999") + "/p.jpg", ok + "\\@example.org/b.jpg"]
+    cands = [_cand(url, tmp_path, rank=i) for i, url in enumerate([*bad, f"{ok}/good/1.jpg"])]
+    engine = _run(_config(), {"s": (cands, 1)})
+    errors = {o.candidate.url: o.error for o in engine.outcomes}
+    assert errors == {**dict.fromkeys(bad, "blocked"), f"{ok}/good/1.jpg": None}
+    assert all(a["detail"] for a in engine.attempts if a["error"] == "blocked")
+
+
 def test_dead_host_costs_seconds_not_hours(hosts: ImageHosts, tmp_path: Path) -> None:
     cands = [_cand(f"{hosts.base_urls['hang']}/h/{i}.jpg", tmp_path, rank=i) for i in range(40)]
     started = time.monotonic()
