@@ -15,6 +15,7 @@ import collections
 import contextlib
 import dataclasses
 import datetime as dt
+import functools
 import hashlib
 import itertools
 import logging
@@ -310,9 +311,15 @@ def host_of(url: str) -> str:
     """The lower-cased host a request to `url` connects to ('' when it has none or does not parse).
 
     aiohttp's own parser (yarl) reads it, so the host that is checked, limited and paced is the
-    host the request goes to."""
+    host the request goes to. A URL's authority ends before its third "/", so URLs that share
+    that prefix share their host: it is parsed once per prefix."""
+    return _host_of_prefix("/".join(url.split("/", 3)[:3]))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _host_of_prefix(prefix: str) -> str:
     try:
-        return (URL(url).raw_host or "").lower()
+        return (URL(prefix).raw_host or "").lower()
     except ValueError:  # e.g. an unclosed IPv6 bracket: the attempt fails it as blocked
         return ""
 
@@ -488,7 +495,7 @@ class FetchEngine:
         self._changed = asyncio.Event()
         self._global = asyncio.Semaphore(config.concurrency)
         self._pool: VerifyPool  # one per session (see open_session)
-        self._made_dirs: set[Path] = set()
+        self._made_dirs: dict[Path, str] = {}  # the folders made so far, as strings
         self._done = 0
         self._target = 0
         self._started = time.monotonic()
@@ -798,9 +805,9 @@ class FetchEngine:
                 )
             if not verified.ok:
                 raise _Failure(verified.error or "decode_error", status, verified.detail)
-            final = os.path.join(cand.dest_dir, f"{cand.url_sha1}.{verified.ext}")
+            final = cand.dest_dir / f"{cand.url_sha1}.{verified.ext}"
             os.replace(tmp, final)
-            return Path(final), verified, current, status
+            return final, verified, current, status
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
@@ -827,10 +834,10 @@ class FetchEngine:
         length = response.headers.get("Content-Length")
         if length and length.isdigit() and int(length) > self.config.max_bytes:
             raise _Failure("too_large", status, f"Content-Length {length} > max_bytes {self.config.max_bytes}")
-        if cand.dest_dir not in self._made_dirs:
+        if (folder := self._made_dirs.get(cand.dest_dir)) is None:
             cand.dest_dir.mkdir(parents=True, exist_ok=True)
-            self._made_dirs.add(cand.dest_dir)
-        tmp = os.path.join(cand.dest_dir, f".{cand.url_sha1}.{random.getrandbits(32):08x}.part")
+            folder = self._made_dirs[cand.dest_dir] = str(cand.dest_dir)
+        tmp = f"{folder}/.{cand.url_sha1}.{random.getrandbits(32):08x}.part"
         streamed = Streamed(ends=not self.config.decode_check and not self.config.resize_max_side)
         try:
             # a raw descriptor: the chunks are large, so a buffered writer only adds work
