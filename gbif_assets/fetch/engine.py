@@ -444,7 +444,7 @@ class HostShard:
         for host in self._paced:
             if host in self._parked and engine._host(host).due(now):
                 return self._take(host), None
-        for host in list(self._parked):
+        for host in self._parked:  # a job taken ends the loop, so the dict may change under it
             # an open breaker lets the job start at once: it fails fast without a request
             wait = 0.0 if engine._breaker.is_open(host) else engine._host(host).wait_s(now)
             if wait == 0.0:
@@ -493,6 +493,7 @@ class FetchEngine:
         self._remote_hosts: dict[str, dict[str, Any]] = {}  # what shard processes learnt of their hosts
         self._literal_ok: dict[str, bool] = {}  # host -> an IP literal we may connect to (or a name)
         self._changed = asyncio.Event()
+        self._idle = 0  # workers inside _wait_change
         self._global = asyncio.Semaphore(config.concurrency)
         self._pool: VerifyPool  # one per session (see open_session)
         self._made_dirs: dict[Path, str] = {}  # the folders made so far, as strings
@@ -523,13 +524,18 @@ class FetchEngine:
 
     def _notify(self) -> None:
         """Wake workers waiting for a host slot, a pause to end or a stream to change."""
-        self._changed.set()
-        self._changed = asyncio.Event()
+        if self._idle:  # called a few times per image: no event churn while every worker is busy
+            self._changed.set()
+            self._changed = asyncio.Event()
 
     async def _wait_change(self, timeout: float | None) -> None:
         event = self._changed
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(event.wait(), timeout=1.0 if timeout is None else min(max(timeout, 0.001), 1.0))
+        self._idle += 1
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), timeout=1.0 if timeout is None else min(max(timeout, 0.001), 1.0))
+        finally:
+            self._idle -= 1
 
     def _log(self, cand: Candidate, url: str, host: str, final_url: str | None, status: int | None, error: str | None,
              size: int, started: float, attempt: int, source: str, detail: str | None = None) -> None:  # fmt: skip
