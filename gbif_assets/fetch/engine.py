@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import functools
+import gc
 import hashlib
 import itertools
 import logging
@@ -23,7 +24,7 @@ import math
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,7 +61,24 @@ PROBE_HOLD_MAX_S = 60.0
 MIN_RATE = 0.2
 PACE_LOOKAHEAD_S = 0.05  # a worker holds a paced host's next job at most this long before its start
 RATE_SIGNAL_ANSWERS = 2  # a 429 cuts only after this many answers per allowed connection in the window
+GC_FIRST_THRESHOLD = 10_000  # allocations between the cyclic collector's young passes (see fewer_gc_passes)
 USER_AGENT = "gbif-assets/0.1 (training-set builder; polite: per-host limits, backoff)"
+
+
+@contextlib.contextmanager
+def fewer_gc_passes() -> Iterator[None]:
+    """Raise the collector's first threshold while images are fetched, then restore it.
+
+    A fetch allocates dozens of short-lived objects per image (requests, responses, timers,
+    attempt rows), so at Python's default of 700 the cyclic collector runs every few images.
+    At `GC_FIRST_THRESHOLD` it runs 14 times less often: 3-4% less CPU per image (measured,
+    one event loop), and the little cyclic garbage a request leaves still goes within seconds."""
+    before = gc.get_threshold()
+    gc.set_threshold(max(before[0], GC_FIRST_THRESHOLD), *before[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*before)
 
 
 @dataclass
@@ -565,6 +583,10 @@ class FetchEngine:
         Shard 0 runs in this event loop; with `processes` > 1 and a job large enough to pay for
         their start, shards 1.. are processes of their own (`gbif_assets.fetch.shard`), one core each.
         """
+        with fewer_gc_passes():
+            return await self._run(streams)
+
+    async def _run(self, streams: dict[str, tuple[list[Candidate], int]]) -> list[Outcome]:
         self._target = sum(target for _, target in streams.values())
         states = [_Stream(collections.deque(sorted(c, key=lambda c: c.rank)), t) for c, t in streams.values()]
         extra = self._extra_processes(streams)

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from gbif_assets.fetch.engine import Candidate, FetchConfig, FetchEngine, HostShard, Outcome
+from gbif_assets.fetch.engine import Candidate, FetchConfig, FetchEngine, HostShard, Outcome, fewer_gc_passes
 from gbif_assets.fetch.pipes import Batcher, child_fds, pipe_streams, receive, send, start_child
 from gbif_assets.fetch.verify import Verified, die_with_parent
 
@@ -134,7 +134,8 @@ async def _serve(read_fd: int, write_fd: int) -> None:
 
 def main(argv: list[str]) -> None:
     die_with_parent()
-    asyncio.run(_serve(*child_fds(argv)))
+    with fewer_gc_passes():
+        asyncio.run(_serve(*child_fds(argv)))
 
 
 if __name__ == "__main__":
