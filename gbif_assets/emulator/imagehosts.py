@@ -3,7 +3,8 @@
 Each host has one fault profile taken from what publishers really do to image downloaders:
 slow answers, dead links (404/403/401), 429 with Retry-After, flaky 5xx, connection resets,
 truncated bodies, HTML served as image/jpeg, huge files, decompression bombs, redirect chains,
-and images gzip-compressed for any client that says it accepts gzip.
+images gzip-compressed for any client that says it accepts gzip, and traps: an answer that is
+not HTTP, a redirect to a URL that does not parse, a body dripped a byte at a time.
 Every host counts its open connections so tests can assert the per-host politeness limit.
 """
 
@@ -43,6 +44,9 @@ FAULTS = (
     "redirect_scheme",
     "hang",
     "gzip",
+    "garbage",
+    "redirect_invalid",
+    "drip",
 )
 
 
@@ -237,6 +241,15 @@ class _Host:
         elif fault == "redirect_scheme":
             self._count(302)
             raise web.HTTPFound("file:///etc/passwd")
+        elif fault == "redirect_invalid":  # an unclosed IPv6 bracket: no URL parser accepts it
+            self._count(302)
+            return web.Response(status=302, headers={"Location": "http://[::1/photo.jpg"})
+        elif fault == "garbage":  # another service on the port: its banner instead of an HTTP answer
+            self._count(0)
+            assert request.transport is not None
+            request.transport.write(b"SSH-2.0-OpenSSH_9.6\r\n")
+            request.transport.close()
+            raise asyncio.CancelledError
         body = image_bytes(url.split("?")[0].replace("/ok/", "/", 1) if "/ok/" in url else url)
         if fault == "truncate":
             response = web.StreamResponse(headers={"Content-Type": "image/jpeg", "Content-Length": str(len(body))})
@@ -244,6 +257,16 @@ class _Host:
             await response.write(body[: len(body) // 2])
             await asyncio.sleep(0.01)
             _reset(request)
+            self._count(200)
+            return response
+        if fault == "drip":  # the first `lead` bytes one at a time (all of them: a tarpit), then the rest
+            response = web.StreamResponse(headers={"Content-Type": "image/jpeg", "Content-Length": str(len(body))})
+            await response.prepare(request)
+            lead = min(len(body), int(params.get("lead", len(body))))
+            for at in range(lead):
+                await response.write(body[at : at + 1])
+                await asyncio.sleep(float(params.get("interval_s", 1.0)))
+            await response.write(body[lead:])
             self._count(200)
             return response
         self._count(200)

@@ -46,9 +46,10 @@ from gbif_assets.retry_after import retry_after_seconds
 
 log = logging.getLogger(__name__)
 MAX_REDIRECTS = 5
+SNIFF_BYTES = 16  # enough for every magic number in safety.MAGIC (WebP's is at bytes 8-12)
 RATE_LIMIT_EXTRA_TRIES = 6  # a 429 is the host asking for patience, not a broken link
 RETRYABLE = {"timeout", "reset", "truncated", "http_429", "http_5xx", "connect"}
-BREAKER_ERRORS = {"timeout", "connect", "reset", "dns"}
+BREAKER_ERRORS = {"timeout", "connect", "reset", "dns", "protocol"}  # signs of a host that is down or not a web server
 UNPROVEN_BREAKER_FAILURES = 2  # a host that never answered is given up on sooner
 SLOW_START = 2  # connections to a host before it has answered
 RATE_WINDOW_S = 1.0  # a rate-limiting host's window (at least its Retry-After)
@@ -323,6 +324,14 @@ class _HostLimit:
         climbing = self.rate < RATE_CUT * self.refused
         self.grow_after = self.paused_until + (self.window if climbing else self.hold_s)
         log.debug("429: %d connections, %.1f requests/s, hold %.0f s", self.limit, self.rate, self.hold_s)
+
+
+def _refuse_unless_image(lead: bytes, response: aiohttp.ClientResponse) -> None:
+    """Magic bytes, not Content-Type, say what a body is (an HTML page served as image/jpeg is refused)."""
+    if sniff(lead) is None:
+        kind = "html" if lead.lstrip()[:1] == b"<" else "unknown"
+        content_type = response.headers.get("Content-Type")
+        raise _Failure("not_image", response.status, f"body is {kind}, not an image (Content-Type {content_type})")
 
 
 def host_of(url: str) -> str:
@@ -791,7 +800,12 @@ class FetchEngine:
                             location = response.headers.get("Location")
                             if not location:
                                 raise _Failure("http_3xx", response.status, "redirect without Location")
-                            current = urljoin(current, location)
+                            try:
+                                current = urljoin(current, location)
+                            except ValueError as exc:  # the next hop's checks refuse what parses
+                                raise _Failure(
+                                    "blocked", response.status, f"redirect to {location[:200]!r}: {exc}"
+                                ) from None
                             continue
                         tmp, status, streamed = await self._download(response, cand)
                         break
@@ -804,8 +818,9 @@ class FetchEngine:
                     raise _Failure("blocked", detail=str(exc.os_error)) from None
                 kind = "dns" if isinstance(exc, aiohttp.ClientConnectorDNSError) else "connect"
                 raise _Failure(kind, detail=str(exc)[:300]) from None
-            except (TimeoutError, aiohttp.ServerTimeoutError):
-                raise _Failure("timeout", detail=f"no answer within {self.config.timeout_s:g} s") from None
+            except (TimeoutError, aiohttp.ServerTimeoutError) as exc:  # aiohttp names the read and connect timeouts
+                why = str(exc) or f"not finished within {2 * self.config.timeout_s:g} s (the total timeout)"
+                raise _Failure("timeout", detail=why[:300]) from None
             except aiohttp.ClientPayloadError as exc:
                 raise _Failure("truncated", detail=str(exc)[:300]) from None
             except (
@@ -816,6 +831,8 @@ class FetchEngine:
                 raise _Failure("reset", detail=str(exc)[:300]) from None
             except aiohttp.InvalidURL as exc:
                 raise _Failure("blocked", detail=f"invalid URL {exc}") from None
+            except aiohttp.ClientError as exc:  # not HTTP: a bad status line, oversized headers, broken framing
+                raise _Failure("protocol", detail=f"{type(exc).__name__}: {exc}"[:300]) from None
             finally:
                 limit.release()
                 self._notify()
@@ -871,17 +888,12 @@ class FetchEngine:
             # a raw descriptor: the chunks are large, so a buffered writer only adds work
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
             try:
-                first = True
+                lead = b""  # the first SNIFF_BYTES, however thinly the body arrives
                 async for chunk in response.content.iter_chunked(1 << 16):
-                    if first:
-                        if sniff(chunk[:16]) is None:
-                            kind = "html" if chunk.lstrip()[:1] == b"<" else "unknown"
-                            raise _Failure(
-                                "not_image",
-                                status,
-                                f"body is {kind}, not an image (Content-Type {response.headers.get('Content-Type')})",
-                            )
-                        first = False
+                    if len(lead) < SNIFF_BYTES:
+                        lead += chunk[: SNIFF_BYTES - len(lead)]
+                        if len(lead) == SNIFF_BYTES:
+                            _refuse_unless_image(lead, response)
                     streamed.update(chunk)
                     if streamed.size > self.config.max_bytes:
                         raise _Failure("too_large", status, f"body passed max_bytes {self.config.max_bytes}")
@@ -892,6 +904,8 @@ class FetchEngine:
                 os.close(fd)
             if streamed.size == 0:
                 raise _Failure("not_image", status, "empty body")
+            if len(lead) < SNIFF_BYTES:
+                _refuse_unless_image(lead, response)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)

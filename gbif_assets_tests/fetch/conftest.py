@@ -31,6 +31,10 @@ PROFILES = [
     HostProfile("gzip", "127.0.0.23", "gzip"),
     HostProfile("closed_hour", "127.0.0.24", "rate429", {"every": 1_000_000, "retry_after": "3600"}),
     HostProfile("rate20_busy", "127.0.0.25", "rate429", {"rate": 20, "retry_after": "1"}),  # one test's own
+    HostProfile("garbage", "127.0.0.26", "garbage"),
+    HostProfile("redirect_invalid", "127.0.0.27", "redirect_invalid"),
+    HostProfile("drip", "127.0.0.28", "drip", {"interval_s": 0.2}),  # a tarpit
+    HostProfile("trickle", "127.0.0.29", "drip", {"interval_s": 0.05, "lead": 5}),  # 5 single bytes, then the rest
 ]
 
 

@@ -48,7 +48,8 @@ def test_every_fault_gets_its_error_class(hosts: ImageHosts, tmp_path: Path) -> 
         "ok": None, "dead404": "http_404", "html": "not_image", "redirect": None,
         "redirect_long": "too_many_redirects", "redirect_scheme": "blocked", "truncate": "truncated",
         "reset": "reset", "bomb": "too_large", "huge": "too_large", "huge_chunked": "too_large",
-        "hang": "timeout", "rate429": None, "flaky5xx": None,
+        "hang": "timeout", "rate429": None, "flaky5xx": None, "garbage": "protocol", "redirect_invalid": "blocked",
+        "drip": "timeout",
     }  # fmt: skip
     streams = {
         name: (
@@ -119,6 +120,31 @@ def test_urls_that_do_not_parse_are_blocked_and_replaced(hosts: ImageHosts, tmp_
     errors = {o.candidate.url: o.error for o in engine.outcomes}
     assert errors == {**dict.fromkeys(bad, "blocked"), f"{ok}/good/1.jpg": None}
     assert all(a["detail"] for a in engine.attempts if a["error"] == "blocked")
+
+
+def test_an_image_whose_first_bytes_come_one_at_a_time_is_kept(hosts: ImageHosts, tmp_path: Path) -> None:
+    """The magic-number check waits for its 16 bytes: judging the first packet alone refused a
+    real JPEG whose server flushed a few bytes first."""
+    url = f"{hosts.base_urls['trickle']}/photos/trickle/1.jpg"
+    engine = _run(_config(), {"s": ([_cand(url, tmp_path)], 1)})
+    outcome = engine.outcomes[0]
+    assert outcome.ok, outcome.error
+    assert outcome.path is not None and outcome.path.read_bytes() == image_bytes(url)
+
+
+def test_a_tarpit_costs_one_total_timeout_per_attempt(hosts: ImageHosts, tmp_path: Path) -> None:
+    """A body dripped a byte every 0.2 s never trips the 0.5 s read timeout; the total one
+    (twice timeout_s) ends each attempt, and nothing is left behind."""
+    started = time.monotonic()
+    engine = _run(
+        _config(timeout_s=0.5, retries=1), {"s": ([_cand(f"{hosts.base_urls['drip']}/t/1.jpg", tmp_path)], 1)}
+    )
+    elapsed = time.monotonic() - started
+    assert engine.outcomes[0].error == "timeout"
+    assert [a["error"] for a in engine.attempts] == ["timeout", "timeout"]
+    assert all("total" in a["detail"] for a in engine.attempts)
+    assert 2.0 <= elapsed < 4.0, elapsed
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
 
 
 def test_dead_host_costs_seconds_not_hours(hosts: ImageHosts, tmp_path: Path) -> None:
