@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 MAX_REDIRECTS = 5
 SNIFF_BYTES = 16  # enough for every magic number in safety.MAGIC (WebP's is at bytes 8-12)
 RATE_LIMIT_EXTRA_TRIES = 6  # a 429 is the host asking for patience, not a broken link
+REFUSED_ROUNDS_BEFORE_HOLD = 3  # ...but a host that refused this many times per_host requests in a row is closed
 RETRYABLE = {"timeout", "reset", "truncated", "http_429", "http_5xx", "connect"}
 BREAKER_ERRORS = {"timeout", "connect", "reset", "dns", "protocol"}  # signs of a host that is down or not a web server
 UNPROVEN_BREAKER_FAILURES = 2  # a host that never answered is given up on sooner
@@ -182,10 +183,10 @@ class _Breaker:
             return False
         return True
 
-    def hold(self, host: str, seconds: float) -> None:
-        """Keep the host closed for `seconds` (it asked for that long a pause)."""
+    def hold(self, host: str, seconds: float, why: str) -> None:
+        """Keep the host closed for `seconds` (it asked for a long pause, or refuses everything)."""
         self.open_until[host] = max(self.open_until.get(host, 0.0), time.monotonic() + seconds)
-        self.why[host] = f"the host asked for a {seconds:.0f} s pause (Retry-After); skipped for this run"
+        self.why[host] = why
 
     def record(self, host: str, error: str | None, proven: bool = True) -> None:
         if error in BREAKER_ERRORS:
@@ -203,7 +204,9 @@ class _HostLimit:
     Slow start: a host we know nothing about gets `SLOW_START` connections, one more per answer
     (doubling every round trip) up to `per_host`, so a host that hangs holds two slots, not
     eight. The limit never exceeds `per_host`. Every 429 makes the whole host wait out
-    Retry-After.
+    Retry-After, and at least `backoff_base_s` (a "Retry-After: 0" is not a licence to hammer);
+    a host that refuses 3 x per_host requests in a row, with none accepted, is closed for the
+    breaker's time (see `FetchEngine._fetch_with_retries`).
 
     A host that says 429 limits requests per time window, and one connection more or less is a
     large step in rate (at 100 ms a request, one connection is 10 requests/s), so such a host is
@@ -224,8 +227,10 @@ class _HostLimit:
     the next one, so a busy event loop does not slow the pace.
     """
 
-    def __init__(self, ceiling: int) -> None:
+    def __init__(self, ceiling: int, min_pause_s: float) -> None:
         self.ceiling = ceiling
+        self.min_pause_s = min_pause_s  # the least pause after a 429, whatever Retry-After says
+        self.refused_in_a_row = 0  # 429s since the last accepted request
         self.limit = min(SLOW_START, ceiling)
         self.active = 0
         self.waiting = 0  # requests inside acquire()
@@ -288,6 +293,7 @@ class _HostLimit:
         self.answers += 1
         if not throttled:
             self.limit = min(self.ceiling, self.limit + 1)  # slow start
+            self.refused_in_a_row = 0
             self.accepted.append(now)
             while self.accepted[0] < now - PROBE_HOLD_MAX_S:
                 self.accepted.popleft()
@@ -302,9 +308,11 @@ class _HostLimit:
             self._freed.set()
             return
         self.throttled += 1
+        self.refused_in_a_row += 1
         if now >= self.paused_until:
             self.resumed_at = self.paused_until  # the last pause was over: requests flowed since
-        self.paused_until = max(self.paused_until, now + (1.0 if retry_after is None else retry_after))
+        pause = max(self.min_pause_s, 1.0 if retry_after is None else retry_after)  # "Retry-After: 0" is no licence
+        self.paused_until = max(self.paused_until, now + pause)
         if ticket <= self.cut_ticket:
             return  # sent before the last cut: that cut already answered this congestion
         self.window = max(RATE_WINDOW_S, retry_after or 0.0)
@@ -530,7 +538,7 @@ class FetchEngine:
 
     def _host(self, host: str) -> _HostLimit:
         if host not in self._hosts:
-            self._hosts[host] = _HostLimit(self.config.per_host)
+            self._hosts[host] = _HostLimit(self.config.per_host, self.config.backoff_base_s)
         return self._hosts[host]
 
     def host_report(self) -> dict[str, dict[str, Any]]:
@@ -734,6 +742,13 @@ class FetchEngine:
                 if failure.error == "http_429":
                     throttled += 1
                     give_up = throttled > self.config.retries + RATE_LIMIT_EXTRA_TRIES
+                    refused = self._host(host).refused_in_a_row
+                    if refused >= REFUSED_ROUNDS_BEFORE_HOLD * self.config.per_host:
+                        # a host that turns every request away is not pacing us: let reserves elsewhere take over
+                        self._breaker.hold(host, self.config.breaker_open_s,
+                                           f"{refused} requests in a row refused (429); skipped for "
+                                           f"{self.config.breaker_open_s:.0f} s")  # fmt: skip
+                        break
                 else:
                     failures += 1
                     give_up = failures > self.config.retries
@@ -743,7 +758,7 @@ class FetchEngine:
                 if delay is not None and delay > self.config.backoff_max_s:
                     # a pause longer than a run waits: leave the host alone until then, and let
                     # reserves on other hosts take its candidates (a later run tries it again)
-                    self._breaker.hold(host, delay)
+                    self._breaker.hold(host, delay, f"the host asked for a {delay:.0f} s pause (Retry-After); skipped")
                     break
                 if failure.error == "http_429" and delay is not None:
                     continue  # the whole host waits out Retry-After (see _HostLimit.acquire)
