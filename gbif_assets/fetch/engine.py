@@ -205,8 +205,8 @@ class _HostLimit:
     (doubling every round trip) up to `per_host`, so a host that hangs holds two slots, not
     eight. The limit never exceeds `per_host`. Every 429 makes the whole host wait out
     Retry-After, and at least `backoff_base_s` (a "Retry-After: 0" is not a licence to hammer);
-    a host that refuses 3 x per_host requests in a row, with none accepted, is closed for the
-    breaker's time (see `FetchEngine._fetch_with_retries`).
+    so does every 5xx. A host that refuses (429 or 5xx) 3 x per_host requests in a row, with none
+    accepted, is closed for the breaker's time (see `FetchEngine._fetch_with_retries`).
 
     A host that says 429 limits requests per time window, and one connection more or less is a
     large step in rate (at 100 ms a request, one connection is 10 requests/s), so such a host is
@@ -287,11 +287,15 @@ class _HostLimit:
         self.active -= 1
         self._freed.set()
 
-    def answered(self, ticket: int, throttled: bool, retry_after: float | None) -> None:
-        """An HTTP answer to request `ticket`: grow the limit, or cut it on a 429."""
+    def answered(self, ticket: int, status: int, retry_after: float | None) -> None:
+        """An HTTP answer to request `ticket`: grow the limit; pause the host on a 5xx; pace it on a 429."""
         now = time.monotonic()
         self.answers += 1
-        if not throttled:
+        if status >= 500:  # the server is struggling: its whole host waits, as for a 429, but keeps its pace
+            self.refused_in_a_row += 1
+            self.paused_until = max(self.paused_until, now + max(self.min_pause_s, retry_after or 0.0))
+            return
+        if status != 429:
             self.limit = min(self.ceiling, self.limit + 1)  # slow start
             self.refused_in_a_row = 0
             self.accepted.append(now)
@@ -742,16 +746,19 @@ class FetchEngine:
                 if failure.error == "http_429":
                     throttled += 1
                     give_up = throttled > self.config.retries + RATE_LIMIT_EXTRA_TRIES
-                    refused = self._host(host).refused_in_a_row
-                    if refused >= REFUSED_ROUNDS_BEFORE_HOLD * self.config.per_host:
-                        # a host that turns every request away is not pacing us: let reserves elsewhere take over
-                        self._breaker.hold(host, self.config.breaker_open_s,
-                                           f"{refused} requests in a row refused (429); skipped for "
-                                           f"{self.config.breaker_open_s:.0f} s")  # fmt: skip
-                        break
                 else:
                     failures += 1
                     give_up = failures > self.config.retries
+                refused = self._host(host).refused_in_a_row
+                if (
+                    failure.error in ("http_429", "http_5xx")
+                    and refused >= REFUSED_ROUNDS_BEFORE_HOLD * self.config.per_host
+                ):
+                    # a host that turns every request away is not pacing us: let reserves elsewhere take over
+                    self._breaker.hold(host, self.config.breaker_open_s,
+                                       f"{refused} requests in a row refused ({failure.error}); skipped for "
+                                       f"{self.config.breaker_open_s:.0f} s")  # fmt: skip
+                    break
                 if failure.error not in RETRYABLE or give_up:
                     break
                 delay = failure.retry_after
@@ -806,11 +813,11 @@ class FetchEngine:
                     if self._breaker.is_open(host):  # opened while this request waited for a slot
                         raise _Failure("circuit_open", detail=self._breaker.why.get(host))
                     async with session.get(target, allow_redirects=False) as response:
-                        throttled = response.status == 429
+                        refused = response.status == 429 or response.status >= 500
                         retry_after = (
-                            retry_after_seconds(response.headers.get("Retry-After"), None) if throttled else None
+                            retry_after_seconds(response.headers.get("Retry-After"), None) if refused else None
                         )
-                        limit.answered(ticket, throttled, retry_after)
+                        limit.answered(ticket, response.status, retry_after)
                         if response.status in (301, 302, 303, 307, 308):
                             location = response.headers.get("Location")
                             if not location:

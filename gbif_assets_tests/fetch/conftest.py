@@ -36,6 +36,7 @@ PROFILES = [
     HostProfile("drip", "127.0.0.28", "drip", {"interval_s": 0.2}),  # a tarpit
     HostProfile("trickle", "127.0.0.29", "drip", {"interval_s": 0.05, "lead": 5}),  # 5 single bytes, then the rest
     HostProfile("refuse_all", "127.0.0.30", "rate429", {"every": 1_000_000, "retry_after": "0"}),
+    HostProfile("fail_all", "127.0.0.31", "flaky5xx", {"every": 1_000_000, "status": 503}),
 ]
 
 
