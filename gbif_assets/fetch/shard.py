@@ -1,9 +1,9 @@
 """Fetch shards in processes of their own: one event loop per core.
 
 One event loop runs on one core. Its per-image work (the HTTP exchange, hashing, the header
-check, the temporary file and rename, the attempt row) tops out at 2,600-2,800 images/s with
-decoding off on this project's 2-core machines, below what the network and disk allow. So the coordinator
-(`FetchEngine.run`) can start shard processes: each runs the same engine for the hosts routed
+check, the temporary file and rename, the attempt row) tops out at about 3,300 images/s with
+decoding off on this project's 2-core machines, below what the network and disk allow. So the
+coordinator (`FetchEngine.run`) can start shard processes: each runs the same engine for the hosts routed
 to it. A host belongs to one shard for the whole run, so per-host limits, pacing and circuit
 breakers stay exact; the coordinator keeps each stream's quota and reserve order, the attempt
 log and the progress figures.

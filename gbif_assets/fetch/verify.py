@@ -99,11 +99,11 @@ def jpeg_frame_size(head: bytes | bytearray) -> tuple[int, int] | None:
     """(width, height) from a JPEG's frame header, found by walking its marker segments up to
     the scan, or None: then Pillow reads the header.
 
-    Pillow's header parse (and its EXIF reading) was a sixth of the fetch's CPU per image. This
-    walk answers only where Pillow would open the file with the same size: one 8-bit frame
-    header of 1, 3 or 4 components and no empty side, whole quantization tables, no segment Pillow trips on,
-    nothing it reads differently (padding, junk, an MPO index), every segment inside `head`.
-    A test holds it to Pillow on mutated headers."""
+    Pillow's header parse (and its EXIF reading) cost 27 us of the fetch's ~0.4 ms of CPU per
+    image; this walk costs 6. It answers only where Pillow would open the file with the same
+    size: one 8-bit frame header of 1, 3 or 4 components and no empty side, whole quantization
+    tables, no segment Pillow trips on, nothing it reads differently (padding, junk, an MPO
+    index), every segment inside `head`. A test holds it to Pillow on mutated headers."""
     if not head.startswith(b"\xff\xd8\xff"):
         return None
     size, at, end = None, 2, len(head)
