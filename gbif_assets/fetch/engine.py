@@ -229,8 +229,8 @@ class _HostLimit:
 
     def __init__(self, ceiling: int, min_pause_s: float) -> None:
         self.ceiling = ceiling
-        self.min_pause_s = min_pause_s  # the least pause after a 429, whatever Retry-After says
-        self.refused_in_a_row = 0  # 429s since the last accepted request
+        self.min_pause_s = min_pause_s  # the least pause after a 429 or 5xx, whatever Retry-After says
+        self.refused_in_a_row = 0  # 429 and 5xx answers since the last other answer
         self.limit = min(SLOW_START, ceiling)
         self.active = 0
         self.waiting = 0  # requests inside acquire()
