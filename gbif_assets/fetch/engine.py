@@ -227,9 +227,10 @@ class _HostLimit:
     the next one, so a busy event loop does not slow the pace.
     """
 
-    def __init__(self, ceiling: int, min_pause_s: float) -> None:
+    def __init__(self, ceiling: int, min_pause_s: float, max_pause_s: float) -> None:
         self.ceiling = ceiling
         self.min_pause_s = min_pause_s  # the least pause after a 429 or 5xx, whatever Retry-After says
+        self.max_pause_s = max_pause_s  # ...and the most: a longer one closes the host's breaker instead
         self.refused_in_a_row = 0  # 429 and 5xx answers since the last other answer
         self.limit = min(SLOW_START, ceiling)
         self.active = 0
@@ -287,13 +288,18 @@ class _HostLimit:
         self.active -= 1
         self._freed.set()
 
+    def _pause(self, now: float, asked_s: float) -> None:
+        """Hold every request to the host for what it asked, within [min_pause_s, max_pause_s]:
+        "Retry-After: 0" is no licence to hammer, and no request waits an hour inside a run."""
+        self.paused_until = max(self.paused_until, now + min(self.max_pause_s, max(self.min_pause_s, asked_s)))
+
     def answered(self, ticket: int, status: int, retry_after: float | None) -> None:
         """An HTTP answer to request `ticket`: grow the limit; pause the host on a 5xx; pace it on a 429."""
         now = time.monotonic()
         self.answers += 1
         if status >= 500:  # the server is struggling: its whole host waits, as for a 429, but keeps its pace
             self.refused_in_a_row += 1
-            self.paused_until = max(self.paused_until, now + max(self.min_pause_s, retry_after or 0.0))
+            self._pause(now, retry_after or 0.0)
             return
         if status != 429:
             self.limit = min(self.ceiling, self.limit + 1)  # slow start
@@ -315,8 +321,7 @@ class _HostLimit:
         self.refused_in_a_row += 1
         if now >= self.paused_until:
             self.resumed_at = self.paused_until  # the last pause was over: requests flowed since
-        pause = max(self.min_pause_s, 1.0 if retry_after is None else retry_after)  # "Retry-After: 0" is no licence
-        self.paused_until = max(self.paused_until, now + pause)
+        self._pause(now, 1.0 if retry_after is None else retry_after)
         if ticket <= self.cut_ticket:
             return  # sent before the last cut: that cut already answered this congestion
         self.window = max(RATE_WINDOW_S, retry_after or 0.0)
@@ -542,7 +547,7 @@ class FetchEngine:
 
     def _host(self, host: str) -> _HostLimit:
         if host not in self._hosts:
-            self._hosts[host] = _HostLimit(self.config.per_host, self.config.backoff_base_s)
+            self._hosts[host] = _HostLimit(self.config.per_host, self.config.backoff_base_s, self.config.backoff_max_s)
         return self._hosts[host]
 
     def host_report(self) -> dict[str, dict[str, Any]]:

@@ -367,6 +367,19 @@ def test_host_that_never_answered_costs_one_timeout(hosts: ImageHosts, tmp_path:
     assert elapsed < 1.9, elapsed  # one 1 s timeout, the live images fetched meanwhile
 
 
+def test_a_host_pause_lies_between_the_backoff_base_and_max() -> None:
+    """A 429 or 5xx pauses its whole host: at least backoff_base_s ('Retry-After: 0' too) and at
+    most backoff_max_s, so a request retrying on a host that asked for an hour (whose breaker
+    the engine then holds open) never sleeps inside the run for that hour."""
+    from gbif_assets.fetch.engine import _HostLimit
+
+    for status, asked in [(429, 0.0), (503, 0.0), (429, 3600.0), (503, 3600.0), (429, None)]:
+        limit = _HostLimit(8, min_pause_s=0.5, max_pause_s=30.0)
+        limit.answered(limit.started + 1, status, asked)
+        wait = limit.wait_s(time.monotonic())
+        assert wait is not None and 0.49 <= wait <= 30.0, (status, asked, wait)
+
+
 def test_breaker_waits_longer_for_a_host_that_has_worked() -> None:
     from gbif_assets.fetch.engine import _Breaker
 
