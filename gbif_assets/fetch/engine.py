@@ -754,11 +754,8 @@ class FetchEngine:
                 else:
                     failures += 1
                     give_up = failures > self.config.retries
-                refused = self._host(host).refused_in_a_row
-                if (
-                    failure.error in ("http_429", "http_5xx")
-                    and refused >= REFUSED_ROUNDS_BEFORE_HOLD * self.config.per_host
-                ):
+                refused = self._host(host).refused_in_a_row if failure.error in ("http_429", "http_5xx") else 0
+                if refused >= REFUSED_ROUNDS_BEFORE_HOLD * self.config.per_host:
                     # a host that turns every request away is not pacing us: let reserves elsewhere take over
                     self._breaker.hold(host, self.config.breaker_open_s,
                                        f"{refused} requests in a row refused ({failure.error}); skipped for "
@@ -823,6 +820,9 @@ class FetchEngine:
                             retry_after_seconds(response.headers.get("Retry-After"), None) if refused else None
                         )
                         limit.answered(ticket, response.status, retry_after)
+                        if refused:
+                            kind = "http_429" if response.status == 429 else "http_5xx"
+                            raise _Failure(kind, response.status, retry_after=retry_after)
                         if response.status in (301, 302, 303, 307, 308):
                             location = response.headers.get("Location")
                             if not location:
@@ -889,19 +889,7 @@ class FetchEngine:
         """Stream a 200 body to a temporary file next to its final place, within max_bytes,
         hashing it and keeping its first and last bytes on the way."""
         status = response.status
-        if status == 429:
-            raise _Failure(
-                "http_429",
-                status,
-                retry_after=retry_after_seconds(response.headers.get("Retry-After"), None),
-            )  # type: ignore[arg-type]
-        if status >= 500:
-            raise _Failure(
-                "http_5xx",
-                status,
-                retry_after=retry_after_seconds(response.headers.get("Retry-After"), None),
-            )  # type: ignore[arg-type]
-        if status != 200:
+        if status != 200:  # 429 and 5xx were answered in _attempt
             raise _Failure(f"http_{status}", status)
         length = response.headers.get("Content-Length")
         if length and length.isdigit() and int(length) > self.config.max_bytes:

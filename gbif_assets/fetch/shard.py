@@ -3,10 +3,10 @@
 One event loop runs on one core. Its per-image work (the HTTP exchange, hashing, the header
 check, the temporary file and rename, the attempt row) tops out at about 3,300 images/s with
 decoding off on this project's 2-core machines, below what the network and disk allow. So the
-coordinator (`FetchEngine.run`) can start shard processes: each runs the same engine for the hosts routed
-to it. A host belongs to one shard for the whole run, so per-host limits, pacing and circuit
-breakers stay exact; the coordinator keeps each stream's quota and reserve order, the attempt
-log and the progress figures.
+coordinator (`FetchEngine.run`) can start shard processes: each runs the same engine for the
+hosts routed to it. A host belongs to one shard for the whole run, so per-host limits, pacing
+and circuit breakers stay exact; the coordinator keeps each stream's quota and reserve order,
+the attempt log and the progress figures.
 
 Parent and shard talk over two pipes (`pipes.py`): jobs in; results and attempt rows out, batched
 once per event-loop turn. A shard dies with its parent (PR_SET_PDEATHSIG), so a `kill -9` of a
