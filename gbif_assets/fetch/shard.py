@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from gbif_assets.fetch.engine import Candidate, FetchConfig, FetchEngine, HostShard, Outcome, fewer_gc_passes
@@ -33,13 +32,12 @@ def _pack(number: int, outcome: Outcome) -> Packed:
     """An outcome without its candidate (the coordinator has it) in plain tuples: a third of
     the pickling time of the dataclasses."""
     verified = None if outcome.verified is None else outcome.verified.as_tuple()
-    path = None if outcome.path is None else str(outcome.path)
-    return number, outcome.ok, path, verified, outcome.source, outcome.error, outcome.fetched_at
+    return number, outcome.ok, outcome.file, verified, outcome.source, outcome.error, outcome.fetched_at
 
 
 def _unpack(packed: Packed, cand: Candidate) -> Outcome:
-    _, ok, path, verified, source, error, fetched_at = packed
-    return Outcome(cand, ok, None if path is None else Path(path), None if verified is None else Verified(*verified),
+    _, ok, file, verified, source, error, fetched_at = packed
+    return Outcome(cand, ok, file, None if verified is None else Verified(*verified),
                    source, error, fetched_at)  # fmt: skip
 
 
