@@ -9,6 +9,9 @@ are skipped and counted by reason; the table swap is one transaction.
 
 from __future__ import annotations
 
+import contextlib
+import csv
+import os
 import shutil
 import tempfile
 import time
@@ -21,19 +24,21 @@ from pathlib import Path
 import duckdb
 
 from gbif_assets.ingest.result import ArchiveError, IngestResult
-from gbif_assets.ingest.schema import DOUBLE_FIELDS, MEDIA_COLUMNS, OCCURRENCE_FIELDS, quote
+from gbif_assets.ingest.schema import DOUBLE_FIELDS, MEDIA_COLUMNS, OCCURRENCE_FIELDS, literal, quote
 from gbif_assets.ingest.tables import replace_table
 
 MULTIMEDIA_ROW_TYPE = "http://rs.gbif.org/terms/1.0/Multimedia"
 OCCURRENCE_ROW_TYPE = "http://rs.tdwg.org/dwc/terms/Occurrence"
 NS = "{http://rs.tdwg.org/dwc/text/}"
+INGEST_MEMORY = 10**9  # the most DuckDB may hold while loading, 1 GB: past it, it spills (large archives in 1.5 GB)
+UNITS = {"bytes": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
 
 
 @dataclass
 class FileSpec:
     """One data file described by meta.xml."""
 
-    location: str
+    location: str  # the first file, for messages
     row_type: str
     delimiter: str = "\t"
     quote: str = ""
@@ -41,12 +46,24 @@ class FileSpec:
     encoding: str = "UTF-8"
     id_index: int = 0
     columns: dict[int, str] = field(default_factory=dict)  # index -> term local name
+    defaults: dict[str, str] = field(default_factory=dict)  # term local name -> meta.xml default value
+    locations: list[str] = field(default_factory=list)  # every file (the text guide allows several)
 
     def index_of(self, name: str) -> int | None:
         for index, term in self.columns.items():
             if term == name:
                 return index
         return None
+
+    def expr(self, name: str, alias: str) -> str | None:
+        """SQL for term `name` of a row (`alias` is the table alias): its column, with the meta.xml
+        default where the cell is empty, or the default alone when no column holds it."""
+        index = self.index_of(name)
+        default = self.defaults.get(name)
+        if index is None:
+            return None if default is None else literal(default)
+        column = f"NULLIF({alias}.c{index}, '')"
+        return column if default is None else f"COALESCE({column}, {literal(default)})"
 
 
 def _unescape(value: str | None, default: str) -> str:
@@ -66,29 +83,49 @@ def parse_meta(xml: bytes, origin: str) -> tuple[FileSpec, list[FileSpec]]:
     except ET.ParseError as exc:
         raise ArchiveError(f"{origin}: meta.xml is not valid XML ({exc})") from None
 
+    def number(element: ET.Element, attribute: str, default: str) -> int:
+        value = element.get(attribute, default)
+        try:
+            return int(value)
+        except ValueError:
+            raise ArchiveError(
+                f"{origin}: meta.xml {attribute}={value!r} in <{element.tag.rsplit('}', 1)[-1]}> is not a whole number"
+            ) from None
+
     def spec(element: ET.Element, id_tag: str) -> FileSpec:
-        location = element.findtext(f"{NS}files/{NS}location") or element.findtext("files/location")
-        if not location:
+        where = [*element.findall(f"{NS}files/{NS}location"), *element.findall("files/location")]
+        locations = [e.text.strip() for e in where if e.text and e.text.strip()]
+        if not locations:
             raise ArchiveError(f"{origin}: meta.xml names no file for {element.get('rowType')}")
-        id_el = element.find(f"{NS}{id_tag}") or element.find(id_tag)
+        id_el = element.find(f"{NS}{id_tag}")  # an <id/> has no children, so it is falsy: no `or` here
+        if id_el is None:
+            id_el = element.find(id_tag)
         columns: dict[int, str] = {}
+        defaults: dict[str, str] = {}
         for field_el in [*element.findall(f"{NS}field"), *element.findall("field")]:
-            if field_el.get("index") is None:
-                continue  # a constant default value, not a column
-            columns.setdefault(int(field_el.get("index")), _local(field_el.get("term", "")))
-        enclosed = element.get("fieldsEnclosedBy", "")
+            term = _local(field_el.get("term", ""))
+            if field_el.get("default") is not None:  # fills the column's empty cells, or is the column
+                defaults.setdefault(term, field_el.get("default", ""))
+            if field_el.get("index") is not None:
+                columns.setdefault(number(field_el, "index", "0"), term)
+        # the text guide's defaults: comma-separated, enclosed by double quotes, no header line
+        enclosed = element.get("fieldsEnclosedBy", '"')
         return FileSpec(
-            location=location.strip(),
+            location=locations[0],
             row_type=element.get("rowType", ""),
             delimiter=_unescape(element.get("fieldsTerminatedBy"), ","),
             quote=enclosed.replace("&quot;", '"'),
-            header_lines=int(element.get("ignoreHeaderLines", "0")),
+            header_lines=number(element, "ignoreHeaderLines", "0"),
             encoding=element.get("encoding", "UTF-8"),
-            id_index=int(id_el.get("index", "0")) if id_el is not None else 0,
+            id_index=number(id_el, "index", "0") if id_el is not None else 0,
             columns=columns,
+            defaults=defaults,
+            locations=locations,
         )
 
-    core_el = root.find(f"{NS}core") or root.find("core")
+    core_el = root.find(f"{NS}core")
+    if core_el is None:
+        core_el = root.find("core")
     if core_el is None:
         raise ArchiveError(f"{origin}: meta.xml has no <core> element")
     core = spec(core_el, "id")
@@ -102,55 +139,74 @@ def _extract(archive: zipfile.ZipFile, member: str, scratch: Path, origin: str) 
         info = archive.getinfo(member)
     except KeyError:
         raise ArchiveError(f"{origin}: meta.xml names {member}, but the archive has no such file") from None
-    target = scratch / Path(member).name
+    # a name of its own: core and extension files may share a base name in different folders
+    fd, name = tempfile.mkstemp(dir=scratch, suffix="-" + Path(member).name)
+    target = Path(name)
     try:
-        with archive.open(info) as src, target.open("wb") as dst:
+        with archive.open(info) as src, open(fd, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
     except (zipfile.BadZipFile, EOFError, OSError) as exc:
         raise ArchiveError(f"{origin}: {member} is corrupt or truncated ({exc})") from None
     return target
 
 
-def _check_header(path: Path, spec: FileSpec, origin: str) -> None:
+def _header_line(path: Path, spec: FileSpec) -> bytes:
+    """The line that names the columns: the last of the `ignoreHeaderLines`, or the first row."""
     with path.open("rb") as handle:
-        first = handle.readline()
+        line = handle.readline()
+        for _ in range(spec.header_lines - 1):
+            line = handle.readline() or line
+    return line
+
+
+def _fields(line: bytes, spec: FileSpec, errors: str = "strict") -> list[str]:
+    """One line split as DuckDB will split it (a quoted field may hold the delimiter)."""
+    text = line.decode("utf-8-sig", errors).rstrip("\r\n")
+    if spec.quote and len(spec.quote) == 1 and len(spec.delimiter) == 1:
+        return next(csv.reader([text], delimiter=spec.delimiter, quotechar=spec.quote), [])
+    return text.split(spec.delimiter)
+
+
+def _check_header(path: Path, spec: FileSpec, origin: str) -> None:
+    first = _header_line(path, spec)
     if not first.strip():
         raise ArchiveError(f"{origin}: {spec.location} is empty")
-    if spec.header_lines:
-        try:
-            header = first.decode("utf-8").rstrip("\r\n").split(spec.delimiter)
-        except UnicodeDecodeError:
-            raise ArchiveError(f"{origin}: the header of {spec.location} is not UTF-8") from None
-        if spec.columns and len(header) <= max(spec.columns):
-            raise ArchiveError(
-                f"{origin}: {spec.location} has {len(header)} columns but meta.xml describes {max(spec.columns) + 1}"
-            )
+    try:
+        header = _fields(first, spec)
+    except UnicodeDecodeError:
+        raise ArchiveError(f"{origin}: the header of {spec.location} is not UTF-8") from None
+    if spec.delimiter == " " and b"\t" in first and spec.columns and len(header) <= max(spec.columns):
+        # a raw tab in fieldsTerminatedBy reads as a space (XML normalises attribute whitespace)
+        spec.delimiter = "\t"
+        header = _fields(first, spec)
+    if spec.header_lines and spec.columns and len(header) <= max(spec.columns):
+        raise ArchiveError(
+            f"{origin}: {spec.location} has {len(header)} columns (split on {spec.delimiter!r}) "
+            f"but meta.xml describes {max(spec.columns) + 1}"
+        )
 
 
-def _csv(path: Path, spec: FileSpec, width: int) -> str:
-    """A read_csv() call with GBIF's dialect and every column as VARCHAR."""
-    names = {i: f"c{i}" for i in range(width)}
-    columns = "{" + ", ".join(f"'{names[i]}': 'VARCHAR'" for i in range(width)) + "}"
-    delim = spec.delimiter.replace("'", "''")
-    quote_char = spec.quote.replace("'", "''")
+def _csv(paths: list[Path], spec: FileSpec, width: int, rejects: str) -> str:
+    """A read_csv() call with the file's dialect and every column as VARCHAR; malformed rows go
+    to the `rejects` table."""
+    columns = "{" + ", ".join(f"'c{i}': 'VARCHAR'" for i in range(width)) + "}"
+    skip = f"skip={spec.header_lines - 1}, " if spec.header_lines > 1 else ""
     return (
-        f"read_csv('{path.as_posix()}', delim='{delim}', quote='{quote_char}', escape='{quote_char}', "
+        f"read_csv([{', '.join(literal(p) for p in paths)}], delim={literal(spec.delimiter)}, "
+        f"quote={literal(spec.quote)}, escape={literal(spec.quote)}, {skip}"
         f"header={'true' if spec.header_lines else 'false'}, columns={columns}, auto_detect=false, "
-        "ignore_errors=true, store_rejects=true, parallel=true, strict_mode=true, null_padding=false)"
+        f"ignore_errors=true, store_rejects=true, rejects_table='{rejects}', rejects_scan='{rejects}_scan', "
+        "parallel=true, strict_mode=true, null_padding=false)"
     )
 
 
 def _header_width(path: Path, spec: FileSpec) -> int:
-    with path.open("rb") as handle:
-        first = handle.readline().decode("utf-8", "replace").rstrip("\r\n")
-    return max(len(first.split(spec.delimiter)), max(spec.columns, default=0) + 1)
+    return max(len(_fields(_header_line(path, spec), spec, "replace")), max(spec.columns, default=0) + 1)
 
 
-def _rejects(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
+def _rejects(con: duckdb.DuckDBPyConnection, table: str) -> dict[str, int]:
     try:
-        rows = con.execute(
-            "SELECT error_type, count(DISTINCT (file_id, line)) FROM reject_errors GROUP BY ALL"
-        ).fetchall()
+        rows = con.execute(f"SELECT error_type, count(DISTINCT (file_id, line)) FROM {table} GROUP BY ALL").fetchall()
     except duckdb.Error:
         return {}
     names = {
@@ -163,10 +219,21 @@ def _rejects(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
 
 
 def _setup(con: duckdb.DuckDBPyConnection, scratch: Path) -> None:
+    """Spill to the scratch folder, within the connection's memory budget and at most 1 GB."""
     con.execute("SET threads = 2")
     con.execute("SET preserve_insertion_order = false")
-    con.execute(f"SET temp_directory = '{(scratch / 'duckdb_tmp').as_posix()}'")
-    con.execute("SET memory_limit = '1GB'")
+    con.execute(f"SET temp_directory = {literal(scratch / 'duckdb_tmp')}")
+    amount, _, unit = str(con.execute("SELECT current_setting('memory_limit')").fetchone()[0]).partition(" ")
+    with contextlib.suppress(ValueError):
+        if float(amount) * UNITS.get(unit, 1) <= INGEST_MEMORY:
+            return  # the caller's budget (GBIF_ASSETS_DUCKDB_MEMORY) is already lower
+    con.execute(f"SET memory_limit = '{INGEST_MEMORY // 10**6}MB'")
+
+
+def _scratch_parent(zip_path: Path) -> Path | None:
+    """Beside the archive (the dataset's disk, which has room for it unzipped), or the system's
+    temporary folder when that one is read-only."""
+    return zip_path.parent if os.access(zip_path.parent, os.W_OK | os.X_OK) else None
 
 
 def load_archive(
@@ -181,7 +248,7 @@ def load_archive(
         raise ArchiveError(f"{origin}: archive not found") from None
     except (zipfile.BadZipFile, OSError) as exc:
         raise ArchiveError(f"{origin}: not a readable zip, probably truncated ({exc})") from None
-    with archive, tempfile.TemporaryDirectory(prefix="ingest-", dir=zip_path.parent) as tmp:
+    with archive, tempfile.TemporaryDirectory(prefix="ingest-", dir=_scratch_parent(zip_path)) as tmp:
         scratch = Path(tmp)
         names = archive.namelist()
         if not names:
@@ -212,12 +279,10 @@ def _occurrence_select(core: FileSpec, fields: list[str]) -> tuple[list[str], li
     """SELECT expressions for the occurrence columns, and the ones the archive lacks."""
     exprs, missing = [], []
     for out_name, term in _wanted(fields):
-        index = core.index_of(term)
-        if index is None:
+        value = core.expr(term, "o")
+        if value is None:
             missing.append(term)
             value = "NULL"
-        else:
-            value = f"NULLIF(o.c{index}, '')"
         if out_name in DOUBLE_FIELDS:
             value = f"TRY_CAST({value} AS DOUBLE)"
         exprs.append(f"{value} AS {quote(out_name)}")
@@ -239,26 +304,31 @@ def _load_dwca(
         if spec.encoding.upper().replace("-", "") not in ("UTF8", ""):
             raise ArchiveError(f"{origin}: {spec.location} is {spec.encoding}; GBIF archives are UTF-8")
     media_spec = next((e for e in extensions if e.row_type == MULTIMEDIA_ROW_TYPE), None)
-    core_path = _extract(archive, core.location, scratch, origin)
+    core_paths = [_extract(archive, location, scratch, origin) for location in core.locations]
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="inflate") as pool:
         # inflate multimedia.txt while DuckDB parses the core: zlib and DuckDB both release the GIL
-        media_path = pool.submit(_extract, archive, media_spec.location, scratch, origin) if media_spec else None
-        return _stage_and_join(con, core, core_path, media_spec, media_path, fields, table, origin)
+        media_paths = (
+            pool.submit(lambda: [_extract(archive, loc, scratch, origin) for loc in media_spec.locations])
+            if media_spec
+            else None
+        )
+        return _stage_and_join(con, core, core_paths, media_spec, media_paths, fields, table, origin)
 
 
 def _stage_and_join(
     con: duckdb.DuckDBPyConnection,
     core: FileSpec,
-    core_path: Path,
+    core_paths: list[Path],
     media_spec: FileSpec | None,
-    media_path: Future[Path] | None,
+    media_paths: Future[list[Path]] | None,
     fields: list[str],
     table: str,
     origin: str,
 ) -> IngestResult:
     """Stage the used columns of both files, then one join writes the table (one media row each)."""
-    _check_header(core_path, core, origin)
-    occ_source = _csv(core_path, core, _header_width(core_path, core))
+    for path in core_paths:
+        _check_header(path, core, origin)
+    occ_source = _csv(core_paths, core, _header_width(core_paths[0], core), "occ_rejects")
     notes: list[str] = []
     occ_exprs, missing = _occurrence_select(core, fields)
     # stage only the columns we use: a GBIF occurrence.txt has ~250, we need ~25
@@ -270,16 +340,22 @@ def _stage_and_join(
         f"CREATE OR REPLACE TEMP TABLE occ_stage AS "
         f"SELECT NULLIF(c{core.id_index}, '') AS gbifID, {used} FROM {occ_source}"
     )
-    skipped = {f"occurrence_{k}": v for k, v in _rejects(con).items()}
+    skipped = {f"occurrence_{k}": v for k, v in _rejects(con, "occ_rejects").items()}
     occurrences = con.execute("SELECT count(*) FROM occ_stage").fetchone()[0]
-    if media_spec is None or media_path is None:
-        notes.append("the archive has no multimedia.txt: zero media items, nothing to download")
+    paths = media_paths.result() if media_paths is not None else []
+    if media_spec is not None and not any(p.stat().st_size for p in paths):
+        notes.append(f"{media_spec.location} is empty: zero media items, nothing to download")
+        media_spec = None
+    if media_spec is None:
+        if not notes:
+            notes.append("the archive has no multimedia.txt: zero media items, nothing to download")
         media_select = "SELECT NULL::VARCHAR AS gbifID, NULL::INTEGER AS media_index WHERE false"
         media_exprs = [f"NULL::VARCHAR AS {quote(c)}" for c in MEDIA_COLUMNS]
     else:
-        path = media_path.result()
-        _check_header(path, media_spec, origin)
-        width = _header_width(path, media_spec)
+        paths = [p for p in paths if p.stat().st_size]
+        for path in paths:
+            _check_header(path, media_spec, origin)
+        width = _header_width(paths[0], media_spec)
         media_used = ", ".join(f"c{i}" for i in sorted({media_spec.index_of(c) for c in MEDIA_COLUMNS} - {None}))
         ident = media_spec.index_of("identifier")
         # media_index: the item's place among its occurrence's media, by URL (stable across exports);
@@ -288,16 +364,11 @@ def _stage_and_join(
         media_select = (
             f"SELECT NULLIF(c{media_spec.id_index}, '') AS gbifID, {media_used or 'NULL AS c_none'}, "
             f"CAST(row_number() OVER (PARTITION BY NULLIF(c{media_spec.id_index}, '') ORDER BY {order}) - 1 AS INTEGER)"
-            f" AS media_index FROM {_csv(path, media_spec, width)}"
+            f" AS media_index FROM {_csv(paths, media_spec, width, 'media_rejects')}"
         )
-        media_exprs = []
-        for name in MEDIA_COLUMNS:
-            index = media_spec.index_of(name)
-            media_exprs.append(
-                f"NULLIF(m.c{index}, '') AS {quote(name)}" if index is not None else f"NULL::VARCHAR AS {quote(name)}"
-            )
+        media_exprs = [f"{media_spec.expr(name, 'm') or 'NULL::VARCHAR'} AS {quote(name)}" for name in MEDIA_COLUMNS]
     con.execute(f"CREATE OR REPLACE TEMP TABLE media_stage AS {media_select}")
-    skipped.update({f"media_{k}": v for k, v in _rejects(con).items()})
+    skipped.update({f"media_{k}": v for k, v in _rejects(con, "media_rejects").items()})
     media_rows = con.execute("SELECT count(*) FROM media_stage").fetchone()[0]
     orphans = con.execute("SELECT count(*) FROM media_stage m ANTI JOIN occ_stage o ON m.gbifID = o.gbifID").fetchone()[
         0
@@ -336,23 +407,25 @@ def _load_simple(
     fmt: str,
 ) -> IngestResult:
     """SIMPLE_CSV / SIMPLE_PARQUET carry no media links: count occurrences, load zero media rows."""
-    if fmt == "SIMPLE_CSV":
-        member = next(n for n in archive.namelist() if n.endswith(".csv"))
+    skipped: dict[str, int] = {}
+    if fmt == "SIMPLE_CSV":  # one tab-separated file; anything else beside it (a README) is not the data
+        member = max((i for i in archive.infolist() if i.filename.endswith(".csv")), key=lambda i: i.file_size).filename
         path = _extract(archive, member, scratch, origin)
-        spec = FileSpec(location=member, row_type=OCCURRENCE_ROW_TYPE, delimiter="\t")
-        with path.open("rb") as handle:
-            header = handle.readline().decode("utf-8", "replace").rstrip("\r\n").split("\t")
+        spec = FileSpec(location=member, row_type=OCCURRENCE_ROW_TYPE, delimiter="\t", quote="")
+        header = _header_line(path, spec).decode("utf-8", "replace").rstrip("\r\n").split("\t")
         spec.columns = dict(enumerate(header))
-        source = _csv(path, spec, len(header))
+        source = _csv([path], spec, len(header), "simple_rejects")
     else:
         for member in archive.namelist():
             if member.endswith(".parquet"):
                 _extract(archive, member, scratch, origin)
-        source = f"read_parquet('{(scratch / '*.parquet').as_posix()}')"
+        source = f"read_parquet({literal(scratch / '*.parquet')})"
     try:
         occurrences = con.execute(f"SELECT count(*) FROM {source}").fetchone()[0]
     except duckdb.Error as exc:
         raise ArchiveError(f"{origin}: cannot read the {fmt} data ({exc})") from None
+    if fmt == "SIMPLE_CSV":
+        skipped = {f"occurrence_{k}": v for k, v in _rejects(con, "simple_rejects").items()}
     columns = [f"NULL::VARCHAR AS {quote(c)}" for c in ("gbifID",)]
     columns.append("NULL::INTEGER AS media_index")
     columns += [f"NULL::VARCHAR AS {quote(c)}" for c in MEDIA_COLUMNS]
@@ -366,6 +439,7 @@ def _load_simple(
         occurrences=int(occurrences),
         media_rows=0,
         rows_loaded=rows,
+        skipped=skipped,
         notes=[
             f"{fmt} downloads carry no media links ({occurrences:,} occurrences, 0 images): "
             "request format DWCA (download mode does this) to get multimedia.txt"

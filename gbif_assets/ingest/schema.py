@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import PurePath
 from typing import Any
 
 MEDIA_COLUMNS = [
@@ -33,6 +34,12 @@ def required_fields(recipe: Any) -> list[str]:
         if name not in fixed and name not in out:
             out.append(name)
     return out
+
+
+def literal(value: str | PurePath) -> str:
+    """A DuckDB string literal: a path or a value with an apostrophe in it stays one literal."""
+    text = value.as_posix() if isinstance(value, PurePath) else value
+    return "'" + text.replace("'", "''") + "'"
 
 
 def quote(name: str) -> str:

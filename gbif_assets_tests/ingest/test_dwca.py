@@ -175,3 +175,157 @@ def test_failure_mid_load_keeps_previous_table(con: duckdb.DuckDBPyConnection, t
     with pytest.raises(ArchiveError, match="GBIF archives are UTF-8"):
         load_archive(bad, con, FIELDS)
     _previous_intact(con)
+
+
+# Hand-built archives in the layouts the DwC text guide allows beyond GBIF's own: what the guide
+# says, the reader must read, with nothing dropped or shifted.
+DC, DWC, GBIF_TERMS = "http://purl.org/dc/terms/", "http://rs.tdwg.org/dwc/terms/", "http://rs.gbif.org/terms/1.0/"
+CORE = [(1, "CC_BY_4_0", "ds1", "Aus bus, L."), (2, "CC0_1_0", "ds2", "Cus dus")]
+MEDIA = [(1, "http://h.example/1.jpg", "CC-BY"), (2, "http://h.example/2.jpg", "")]
+
+
+def _meta(core: str = "", media: str = "", attrs: str | None = None, id_index: int = 0) -> str:
+    attrs = 'fieldsTerminatedBy="\\t" fieldsEnclosedBy="" ignoreHeaderLines="1"' if attrs is None else attrs
+    return f"""<?xml version="1.0" encoding="UTF-8"?>
+<archive xmlns="http://rs.tdwg.org/dwc/text/">
+  <core {attrs} rowType="{DWC}Occurrence">
+    <files><location>occurrence.txt</location></files>
+    <id index="{id_index}"/>
+    {
+        core
+        or f'<field index="{id_index}" term="{GBIF_TERMS}gbifID"/>'
+        f'<field index="{1 - id_index}" term="{DC}license"/>'
+        f'<field index="2" term="{GBIF_TERMS}datasetKey"/><field index="3" term="{DWC}scientificName"/>'
+    }
+  </core>
+  <extension {attrs} rowType="{GBIF_TERMS}Multimedia">
+    <files><location>multimedia.txt</location></files>
+    <coreid index="0"/>
+    {media or f'<field index="1" term="{DC}identifier"/><field index="2" term="{DC}license"/>'}
+  </extension>
+</archive>"""
+
+
+def _table(rows: list[tuple], sep: str = "\t", header: str | None = "h") -> str:
+    lines = [sep.join(f"h{i}" for i in range(len(rows[0])))] if header else []
+    return "\n".join([*lines, *(sep.join(map(str, r)) for r in rows)]) + "\n"
+
+
+def _zip(path: Path, members: dict[str, str]) -> Path:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, text in members.items():
+            z.writestr(name, text)
+    return path
+
+
+def _loaded(path: Path) -> list[tuple]:
+    con = duckdb.connect()
+    load_archive(path, con, [])
+    return con.execute(
+        'SELECT gbifID, identifier, "license", occurrence_license, datasetKey, scientificName, rightsHolder '
+        "FROM occurrences ORDER BY gbifID"
+    ).fetchall()
+
+
+EXPECTED = [
+    ("1", "http://h.example/1.jpg", "CC-BY", "CC_BY_4_0", "ds1", "Aus bus, L.", None),
+    ("2", "http://h.example/2.jpg", None, "CC0_1_0", "ds2", "Cus dus", None),
+]
+
+
+def test_core_id_in_another_column(tmp_path: Path) -> None:
+    """`<id index="1"/>`: the join key is column 1 (an <id/> element has no children, which
+    once made the reader fall back to column 0 and drop every media row)."""
+    core = [(lic, gid, ds, name) for gid, lic, ds, name in CORE]
+    path = _zip(tmp_path / "a.zip", {"meta.xml": _meta(id_index=1), "occurrence.txt": _table(core),
+                                     "multimedia.txt": _table(MEDIA)})  # fmt: skip
+    assert _loaded(path) == EXPECTED
+
+
+def test_same_file_name_in_two_folders(tmp_path: Path) -> None:
+    """Core and extension both named data.txt, in different folders: each is read as itself."""
+    meta = _meta().replace("<location>occurrence.txt", "<location>occurrence/data.txt")
+    meta = meta.replace("<location>multimedia.txt", "<location>multimedia/data.txt")
+    path = _zip(tmp_path / "a.zip", {"meta.xml": meta, "occurrence/data.txt": _table(CORE),
+                                     "multimedia/data.txt": _table(MEDIA)})  # fmt: skip
+    for _ in range(3):  # the extension is inflated on a thread while the core is read
+        assert _loaded(path) == EXPECTED
+
+
+def test_field_defaults(tmp_path: Path) -> None:
+    """`<field term=... default=...>`: a constant column when it has no index, the value of empty
+    cells when it has one. A licence given this way is not lost."""
+    media = (
+        f'<field index="1" term="{DC}identifier"/><field index="2" term="{DC}license" default="CC0"/>'
+        f'<field term="{DC}rightsHolder" default="Museum O\'Hara"/>'
+    )
+    path = _zip(tmp_path / "a.zip", {"meta.xml": _meta(media=media), "occurrence.txt": _table(CORE),
+                                     "multimedia.txt": _table(MEDIA)})  # fmt: skip
+    rows = _loaded(path)
+    assert [(r[2], r[6]) for r in rows] == [("CC-BY", "Museum O'Hara"), ("CC0", "Museum O'Hara")]
+
+
+def test_text_guide_defaults_comma_and_double_quotes(tmp_path: Path) -> None:
+    """No dialect attributes: the guide's defaults are a comma, double quotes and no header."""
+    quoted = [(gid, lic, ds, f'"{name}"') for gid, lic, ds, name in CORE]
+    path = _zip(tmp_path / "a.zip", {"meta.xml": _meta(attrs=""), "occurrence.txt": _table(quoted, ",", None),
+                                     "multimedia.txt": _table(MEDIA, ",", None)})  # fmt: skip
+    assert _loaded(path) == EXPECTED
+
+
+def test_several_locations_and_two_header_lines(tmp_path: Path) -> None:
+    """A file split over two <location>s is read whole; ignoreHeaderLines="2" skips both lines."""
+    meta = _meta(attrs='fieldsTerminatedBy="\\t" fieldsEnclosedBy="" ignoreHeaderLines="2"')
+    meta = meta.replace("<location>occurrence.txt</location>", "<location>o1.txt</location><location>o2.txt</location>")
+    title = "a title line\n"
+    o1, o2 = title + _table(CORE[:1]), title + _table(CORE[1:])
+    path = _zip(tmp_path / "a.zip", {"meta.xml": meta, "o1.txt": o1,
+                                     "o2.txt": o2, "multimedia.txt": title + _table(MEDIA)})  # fmt: skip
+    assert _loaded(path) == EXPECTED
+
+
+def test_rejects_are_counted_per_file(tmp_path: Path) -> None:
+    """Bad core rows are counted against the core only (they once showed up as media rejects too)."""
+    core = _table(CORE) + "3\tCC0_1_0\tds3\tEus\textra\n"
+    path = _zip(tmp_path / "a.zip", {"meta.xml": _meta(), "occurrence.txt": core, "multimedia.txt": _table(MEDIA)})
+    result = load_archive(path, duckdb.connect(), [])
+    assert result.skipped == {"occurrence_too_many_fields": 1}
+
+
+def test_empty_multimedia_file_means_no_media(tmp_path: Path) -> None:
+    path = _zip(tmp_path / "a.zip", {"meta.xml": _meta(), "occurrence.txt": _table(CORE), "multimedia.txt": ""})
+    result = load_archive(path, duckdb.connect(), [])
+    assert (result.occurrences, result.rows_loaded) == (2, 0)
+    assert any("multimedia.txt is empty" in n for n in result.notes)
+
+
+@pytest.mark.parametrize(("attribute", "value"), [("index", "one"), ("ignoreHeaderLines", "1.5")])
+def test_meta_numbers_that_are_not_numbers(tmp_path: Path, attribute: str, value: str) -> None:
+    meta = _meta().replace('<field index="2"', f'<field index="{value}"', 1) if attribute == "index" else (
+        _meta(attrs=f'fieldsTerminatedBy="\\t" ignoreHeaderLines="{value}"'))  # fmt: skip
+    path = _zip(tmp_path / "a.zip", {"meta.xml": meta, "occurrence.txt": _table(CORE), "multimedia.txt": _table(MEDIA)})
+    with pytest.raises(ArchiveError, match=f"{attribute}='{value}'.*not a whole number"):
+        load_archive(path, duckdb.connect(), [])
+
+
+def test_path_with_an_apostrophe_and_a_lower_memory_budget(tmp_path: Path) -> None:
+    """A home such as /data/o'brien/ works (paths are SQL literals), and a connection's smaller
+    memory budget (GBIF_ASSETS_DUCKDB_MEMORY) is kept, not raised to the ingest's 1 GB."""
+    folder = tmp_path / "o'brien"
+    folder.mkdir()
+    path = _zip(
+        folder / "a.zip", {"meta.xml": _meta(), "occurrence.txt": _table(CORE), "multimedia.txt": _table(MEDIA)}
+    )
+    con = duckdb.connect()
+    con.execute("SET memory_limit = '300MB'")
+    load_archive(path, con, [])
+    assert con.execute("SELECT count(*) FROM occurrences").fetchone() == (2,)
+    assert con.execute("SELECT current_setting('memory_limit')").fetchone() == ("286.1 MiB",)
+
+
+def test_raw_tab_in_fields_terminated_by(tmp_path: Path) -> None:
+    """A literal tab character in the attribute reaches us as a space (XML normalises attribute
+    whitespace); the header shows the file is tab-separated, and it is read as such."""
+    meta = _meta(attrs='fieldsTerminatedBy="\t" fieldsEnclosedBy="" ignoreHeaderLines="1"')
+    path = _zip(tmp_path / "a.zip", {"meta.xml": meta, "occurrence.txt": _table(CORE), "multimedia.txt": _table(MEDIA)})
+    assert _loaded(path) == EXPECTED
