@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import dagster as dg
 from rich.console import Console
@@ -25,6 +26,9 @@ from gbif_assets.defs.resources import ProgressSink, default_resources
 from gbif_assets.recipe import Recipe
 from gbif_assets.settings import Settings
 
+if TYPE_CHECKING:
+    from dagster_shared.error import SerializableErrorInfo
+
 UPSTREAM = ("download_request", "occurrence_archive", "occurrences", "media_manifest")
 DOWNSTREAM = (
     "image_metadata",
@@ -34,6 +38,20 @@ DOWNSTREAM = (
     "link_rot_report",
     "exports",
 )
+
+
+def _cause(error: SerializableErrorInfo | None) -> str:
+    """The innermost error's own words: Dagster wraps an asset's exception in "Error occurred
+    while executing op", which says nothing about what went wrong."""
+    if error is None:
+        return "unknown error"
+    while error.cause is not None:
+        error = error.cause
+    message = error.message.strip()  # "module.Class: text"
+    where, _, text = message.partition(": ")
+    if not text or not where.endswith(error.cls_name or "?"):
+        return message
+    return text if where.startswith("gbif_assets.") else f"{error.cls_name}: {text}"  # our own errors say enough
 
 
 @dataclass
@@ -140,19 +158,20 @@ class _Runner:
             run_config=self._run_config(),
         )
         for event in result.get_step_failure_events():
-            error = event.event_specific_data.error
-            message = error.message.strip() if error else "unknown error"
+            message = _cause(event.event_specific_data.error)
             self.failures.append(f"{event.step_key}{f' [{partition}]' if partition else ''}: {message}")
             self.console.print(f"[red]FAILED[/red] {event.step_key}: {message}")
         for evaluation in result.get_asset_check_evaluations():
             if evaluation.passed:
                 continue
             name = f"{evaluation.asset_key.to_user_string()}:{evaluation.check_name}"
+            examples = evaluation.metadata.get("examples")
+            why = "; ".join(map(str, examples.value[:3])) if examples is not None and examples.value else ""
             if evaluation.severity == dg.AssetCheckSeverity.ERROR:
-                self.failures.append(f"check {name} failed")
+                self.failures.append(f"check {name} failed" + (f": {why}" if why else ""))
                 self.console.print(f"[red]CHECK FAILED[/red] {name}")
             else:
-                self.warnings.append(f"check {name} warns")
+                self.warnings.append(f"check {name} warns" + (f": {why}" if why else ""))
                 self.console.print(f"[yellow]check warning[/yellow] {name}")
         return result.success and not any(f.startswith("check ") for f in self.failures)
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import duckdb
 
+from gbif_assets.ingest.schema import literal
 from gbif_assets.recipe import Recipe
 from gbif_assets.settings import Settings
 
@@ -56,9 +57,9 @@ def open_warehouse(home: Path, read_only: bool = False) -> duckdb.DuckDBPyConnec
     con.execute("SET threads = 2")
     con.execute("SET preserve_insertion_order = false")
     # DuckDB takes 80% of RAM by default; a bounded budget spills to disk instead (8M-row manifest: 1.6 GB RSS)
-    con.execute(f"SET memory_limit = '{os.environ.get('GBIF_ASSETS_DUCKDB_MEMORY', '1500MB')}'")
+    con.execute(f"SET memory_limit = {literal(os.environ.get('GBIF_ASSETS_DUCKDB_MEMORY', '1500MB'))}")
     if not read_only:
-        con.execute(f"SET temp_directory = '{(home / '.duckdb_tmp').as_posix()}'")
+        con.execute(f"SET temp_directory = {literal(home / '.duckdb_tmp')}")
     manifest = home / "metadata" / "manifest.parquet"
     if not read_only and manifest.exists():  # the view holds an absolute path: follow a moved home
         from gbif_assets.manifest import point_manifest_view
@@ -340,6 +341,25 @@ def check_split_leakage(home: Path) -> list[str]:
         con.close()
 
 
+def check_candidates_selected(home: Path) -> list[str]:
+    """An empty manifest is a valid outcome (a refresh that finds nothing new), but a user must
+    hear why nothing will be downloaded: no media in the source, or filters that removed it all."""
+    con = open_warehouse(home, read_only=True)
+    try:
+        selected = con.execute("SELECT count(*) FILTER (WHERE selected) FROM media_manifest").fetchone()[0]
+        if selected:
+            return []
+        media = con.execute("SELECT count(*) FROM occurrences").fetchone()[0]
+    finally:
+        con.close()
+    if not media:
+        return ["no media: the source's occurrences carry no image links, so there is nothing to download"]
+    return [
+        f"no candidate selected: `occurrences` holds {media:,} media items and the recipe's filters "
+        "(licences, publishers, hosts, formats) removed them all; the funnel is in media_manifest's metadata"
+    ]
+
+
 # -- images -------------------------------------------------------------------------------------
 
 
@@ -522,9 +542,9 @@ def image_counts(home: Path) -> dict[tuple[str, str], int]:
     merged = home / "metadata" / "images.parquet"
     parts = sorted((home / "metadata" / "partitions").glob("*.parquet"))
     if merged.exists():
-        source = f"read_parquet('{merged.as_posix()}')"
+        source = f"read_parquet({literal(merged)})"
     elif parts:
-        source = "read_parquet([" + ", ".join(f"'{p.as_posix()}'" for p in parts) + "])"
+        source = "read_parquet([" + ", ".join(literal(p) for p in parts) + "])"
     else:
         return {}
     con = duckdb.connect()
@@ -544,7 +564,7 @@ def failure_counts(home: Path) -> dict[str, int]:
     try:
         rows = con.execute(
             "SELECT error, count(*) FROM read_parquet(["
-            + ", ".join(f"'{p.as_posix()}'" for p in logs)
+            + ", ".join(literal(p) for p in logs)
             + "]) WHERE error IS NOT NULL GROUP BY error ORDER BY 2 DESC"
         ).fetchall()
     finally:

@@ -34,6 +34,13 @@ def build_dataset_checks(recipe: Recipe) -> list[dg.AssetChecksDefinition]:
         """An occurrence or an identical URL in two splits leaks test data into training."""
         return _result(steps.check_split_leakage(storage.dataset_home(name)))
 
+    @dg.asset_check(asset=manifest, name="candidates_selected")
+    def candidates_selected(storage: StorageResource) -> dg.AssetCheckResult:
+        """A manifest that selects nothing downloads nothing: say whether the source had no media
+        or the filters removed it all."""
+        result = _result(steps.check_candidates_selected(storage.dataset_home(name)))
+        return dg.AssetCheckResult(passed=result.passed, severity=dg.AssetCheckSeverity.WARN, metadata=result.metadata)
+
     @dg.asset_check(asset=metadata_key, name="files_match_metadata", blocking=True)
     def files_match_metadata(storage: StorageResource) -> dg.AssetCheckResult:
         """Every file on disk has a row in images.parquet and every row has its file."""
@@ -65,6 +72,7 @@ def build_dataset_checks(recipe: Recipe) -> list[dg.AssetChecksDefinition]:
 
     return [
         no_occurrence_in_two_splits,
+        candidates_selected,
         files_match_metadata,
         no_hash_in_two_splits,
         no_disallowed_license,

@@ -33,7 +33,7 @@ from typing import Any
 
 import duckdb
 
-from gbif_assets.ingest.schema import quote
+from gbif_assets.ingest.schema import literal, quote
 from gbif_assets.manifest.licenses import register_license_map
 
 
@@ -216,7 +216,7 @@ def build_manifest(
                             WHEN {u} < {round((sp.train + sp.val) * 10**9)} THEN 'val' ELSE 'test' END AS split,
                        m.stream_target
                 FROM {licensed} JOIN mf_marked m ON o.rowid = m.rid
-            ) TO '{_sql_path(tmp)}' (FORMAT parquet)"""
+            ) TO {literal(tmp.resolve())} (FORMAT parquet)"""
         )
         os.replace(tmp, out)
         point_manifest_view(con, out)
@@ -279,10 +279,6 @@ def _filters(recipe: Any) -> list[tuple[str, str]]:
     return filters
 
 
-def _sql_path(path: Path) -> str:
-    return path.resolve().as_posix().replace("'", "''")
-
-
 def point_manifest_view(con: duckdb.DuckDBPyConnection, parquet: Path) -> None:
     """`media_manifest` in the warehouse is a view over the Parquet manifest (it replaces an older table)."""
     kind = con.execute(
@@ -293,7 +289,9 @@ def point_manifest_view(con: duckdb.DuckDBPyConnection, parquet: Path) -> None:
     try:
         if kind and kind[0] == "BASE TABLE":
             con.execute("DROP TABLE main.media_manifest")
-        con.execute(f"CREATE OR REPLACE VIEW main.media_manifest AS SELECT * FROM read_parquet('{_sql_path(parquet)}')")
+        con.execute(
+            f"CREATE OR REPLACE VIEW main.media_manifest AS SELECT * FROM read_parquet({literal(parquet.resolve())})"
+        )
         con.execute("COMMIT")
     except BaseException:
         con.execute("ROLLBACK")

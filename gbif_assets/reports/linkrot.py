@@ -12,7 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import pyarrow.parquet as pq
 
+from gbif_assets.fetch.partition import ATTEMPT_SCHEMA
+from gbif_assets.ingest.schema import literal
 from gbif_assets.reports.licenses import md_table, write_csv
 
 
@@ -43,12 +46,17 @@ def _rows(con: duckdb.DuckDBPyConnection, sql: str) -> list[dict[str, Any]]:
 def link_rot_report(home: Path) -> LinkRotReport:
     """reports/link_rot_*.csv, link_rot.md and link_rot.png."""
     logs = sorted((home / "metadata" / "downloads").glob("*.parquet"))
-    if not logs:
+    manifest_path = home / "metadata" / "manifest.parquet"
+    if logs:
+        attempts = "read_parquet([" + ", ".join(literal(p) for p in logs) + "], union_by_name = true)"
+    elif manifest_path.exists() and pq.ParquetFile(manifest_path).metadata.num_rows == 0:
+        attempts = "no_attempts"  # the manifest selected nothing: no link was tried
+    else:
         raise FileNotFoundError(f"{home / 'metadata' / 'downloads'} has no attempt logs: materialize `images` first")
-    files = "[" + ", ".join(f"'{p.as_posix()}'" for p in logs) + "]"
-    manifest = (home / "metadata" / "manifest.parquet").as_posix()
+    manifest = literal(manifest_path)
     con = duckdb.connect()
     try:
+        con.register("no_attempts", ATTEMPT_SCHEMA.empty_table())
         con.execute(
             f"""CREATE TEMP TABLE links AS
                 SELECT a.url, any_value(m.label) AS label,
@@ -61,8 +69,8 @@ def link_rot_report(home: Path) -> LinkRotReport:
                            FILTER (WHERE a.source = 'publisher') AS last_error,
                        arg_max(a.status, a.fetched_at)
                            FILTER (WHERE a.source = 'publisher') AS last_status
-                FROM read_parquet({files}, union_by_name = true) a
-                LEFT JOIN read_parquet('{manifest}') m ON m.identifier = a.url
+                FROM {attempts} a
+                LEFT JOIN read_parquet({manifest}) m ON m.identifier = a.url
                 GROUP BY a.url"""
         )
         con.execute(

@@ -15,6 +15,8 @@ from typing import Any
 import duckdb
 import pyarrow.parquet as pq
 
+from gbif_assets.fetch.partition import KEPT_SCHEMA
+from gbif_assets.ingest.schema import literal
 from gbif_assets.ingest.tables import replace_table
 
 CONTRACT_COLUMNS = [
@@ -29,6 +31,7 @@ TAXON_COLUMNS = ["scientificName", "species"]
 KEEP_ORDER = "CASE split WHEN 'train' THEN 0 WHEN 'val' THEN 1 ELSE 2 END, rank, path"
 # Hamming distance (of 64 bits) under which two perceptual hashes count as the same picture.
 NEAR_DISTANCE = 8
+NO_PARTITIONS = "no_partitions"  # an empty relation shaped like a partition file
 
 
 @dataclass
@@ -46,18 +49,23 @@ class MetadataResult:
 
 def _glob(home: Path, folder: str) -> str | None:
     files = sorted((home / "metadata" / folder).glob("*.parquet"))
-    return None if not files else "[" + ", ".join(f"'{f.as_posix()}'" for f in files) + "]"
+    return None if not files else "[" + ", ".join(literal(f) for f in files) + "]"
 
 
 def merged_select(home: Path) -> str:
-    """SQL over the partition files joined with the manifest, one row per kept file."""
-    parts = _glob(home, "partitions")
-    if parts is None:
-        raise FileNotFoundError(f"{home / 'metadata' / 'partitions'} has no Parquet files: materialize `images` first")
+    """SQL over the partition files joined with the manifest, one row per kept file (reads the
+    relation `NO_PARTITIONS` when the manifest selected nothing)."""
     manifest_path = home / "metadata" / "manifest.parquet"
     if not manifest_path.exists():
         raise FileNotFoundError(f"{manifest_path} not found: materialize `media_manifest` first")
-    manifest = manifest_path.as_posix()
+    parts = _glob(home, "partitions")
+    if parts is not None:
+        kept = f"read_parquet({parts}, union_by_name = true)"
+    elif pq.ParquetFile(manifest_path).metadata.num_rows == 0:
+        kept = NO_PARTITIONS  # nothing to download: an empty dataset, not a missing step
+    else:
+        raise FileNotFoundError(f"{home / 'metadata' / 'partitions'} has no Parquet files: materialize `images` first")
+    manifest = literal(manifest_path)
     present = set(pq.read_schema(manifest_path).names)
     extra = "".join(f', m."{c}"' for c in TAXON_COLUMNS if c in present)
     previous = home / "metadata" / "images.parquet"
@@ -68,8 +76,8 @@ def merged_select(home: Path) -> str:
                m."rightsHolder",
                m.creator, k.sha256, k.width, k.height, k.bytes, k.fetched_at,
                k.source, m.license_source, m.title, k.stream, k.rank, k.mime{extra}
-        FROM read_parquet({parts}, union_by_name = true) k
-        LEFT JOIN read_parquet('{manifest}') m ON m.url_sha1 = k.url_sha1 AND m.label = k.label
+        FROM {kept} k
+        LEFT JOIN read_parquet({manifest}) m ON m.url_sha1 = k.url_sha1 AND m.label = k.label
     """
     # images whose media left GBIF after a refresh (kept by policy) keep their earlier metadata
     extra_p = "".join(f', coalesce(m."{c}", p."{c}") AS "{c}"' for c in TAXON_COLUMNS if c in present)
@@ -82,16 +90,16 @@ def merged_select(home: Path) -> str:
                coalesce(m.creator, p.creator) AS creator, k.sha256, k.width, k.height, k.bytes, k.fetched_at,
                k.source, coalesce(m.license_source, p.license_source) AS license_source,
                coalesce(m.title, p.title) AS title, k.stream, k.rank, k.mime{extra_p}
-        FROM read_parquet({parts}, union_by_name = true) k
-        LEFT JOIN read_parquet('{manifest}') m ON m.url_sha1 = k.url_sha1 AND m.label = k.label
-        LEFT JOIN read_parquet('{previous.as_posix()}') p ON p.path = k.path
+        FROM {kept} k
+        LEFT JOIN read_parquet({manifest}) m ON m.url_sha1 = k.url_sha1 AND m.label = k.label
+        LEFT JOIN read_parquet({literal(previous)}) p ON p.path = k.path
     """
 
 
 def _write(con: duckdb.DuckDBPyConnection, sql: str, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".parquet.tmp")
-    con.execute(f"COPY ({sql}) TO '{tmp.as_posix()}' (FORMAT parquet)")
+    con.execute(f"COPY ({sql}) TO {literal(tmp)} (FORMAT parquet)")
     os.replace(tmp, path)
 
 
@@ -102,6 +110,7 @@ def merge_image_metadata(
     warehouse = con  # the caller's DuckDB; the merge itself runs in a private in-memory one
     con = duckdb.connect()
     try:
+        con.register(NO_PARTITIONS, KEPT_SCHEMA.empty_table())
         con.execute(f"CREATE TEMP TABLE merged AS {merged_select(home)}")
         con.execute(
             f"""CREATE TEMP TABLE ranked AS
@@ -132,7 +141,7 @@ def merge_image_metadata(
     finally:
         con.close()
     if warehouse is not None:
-        replace_table(warehouse, "images", f"SELECT * FROM read_parquet('{out.as_posix()}')")
+        replace_table(warehouse, "images", f"SELECT * FROM read_parquet({literal(out)})")
     notes = [f"{len(dups)} exact duplicate file(s) removed (listed in metadata/duplicates.parquet)"] if dups else []
     if near:
         notes.append(f"{near} near-duplicate image(s) flagged in column near_duplicate_of (perceptual hash)")
@@ -189,7 +198,7 @@ def check_files_match(home: Path) -> list[str]:
         return [f"{table} does not exist"]
     con = duckdb.connect()
     try:
-        rows = {r[0] for r in con.execute(f"SELECT path FROM read_parquet('{table.as_posix()}')").fetchall()}
+        rows = {r[0] for r in con.execute(f"SELECT path FROM read_parquet({literal(table)})").fetchall()}
     finally:
         con.close()
     files = {
@@ -204,12 +213,12 @@ def check_files_match(home: Path) -> list[str]:
 
 def check_hash_leakage(home: Path) -> list[str]:
     """The same bytes in two splits would leak test images into training."""
-    table = (home / "metadata" / "images.parquet").as_posix()
+    table = literal(home / "metadata" / "images.parquet")
     con = duckdb.connect()
     try:
         found = con.execute(
             f"SELECT sha256, string_agg(DISTINCT split, ',' ORDER BY split) "
-            f"FROM read_parquet('{table}') GROUP BY sha256 HAVING count(DISTINCT split) > 1"
+            f"FROM read_parquet({table}) GROUP BY sha256 HAVING count(DISTINCT split) > 1"
         ).fetchall()
     finally:
         con.close()
@@ -218,10 +227,10 @@ def check_hash_leakage(home: Path) -> list[str]:
 
 def check_licenses(home: Path, allowed: list[str]) -> list[str]:
     """Rows whose licence the recipe does not allow."""
-    table = (home / "metadata" / "images.parquet").as_posix()
+    table = literal(home / "metadata" / "images.parquet")
     con = duckdb.connect()
     try:
-        rows = con.execute(f"SELECT path, license FROM read_parquet('{table}')").fetchall()
+        rows = con.execute(f"SELECT path, license FROM read_parquet({table})").fetchall()
     finally:
         con.close()
     return [f"{p}: licence {lic} not allowed" for p, lic in rows if lic not in allowed]
@@ -232,7 +241,7 @@ def rows_of(home: Path, sql_from_images: str) -> list[dict[str, Any]]:
     con = duckdb.connect()
     try:
         con.execute(
-            f"CREATE VIEW images AS SELECT * FROM read_parquet('{(home / 'metadata' / 'images.parquet').as_posix()}')"
+            f"CREATE VIEW images AS SELECT * FROM read_parquet({literal(home / 'metadata' / 'images.parquet')})"
         )
         cur = con.execute(sql_from_images)
         names = [d[0] for d in cur.description]

@@ -155,3 +155,29 @@ def test_a_bad_setting_is_one_clear_line_and_nothing_is_written(tmp_path: Path) 
     assert done.returncode == 2
     assert "GBIF_ASSETS_FETCH_PROCESSES must be a whole number" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "data").exists()
+
+
+def test_a_failed_step_says_why(
+    gbif_env: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The step's own error, not Dagster's "Error occurred while executing op" wrapper."""
+    monkeypatch.delenv("GBIF_USERNAME")
+    recipe = load_recipe(copy_recipe("invasive_plants_download", gbif_env / "datasets"))
+    assert run_build(recipe, BuildOptions(poll_seconds=0.2)) == 1
+    out = " ".join(capsys.readouterr().out.split())
+    assert "download mode needs a GBIF account: set GBIF_USERNAME" in out
+    assert "Error occurred while executing" not in out
+
+
+def test_filters_that_remove_everything_end_clearly(gbif_env: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Nothing selected is an empty dataset with its reports, and the build says why."""
+    path = copy_recipe("invasive_plants", gbif_env / "datasets", name="nothing_left")
+    path.write_text(path.read_text().replace("hosts: {allow: []", "hosts: {allow: [nowhere.invalid]"))
+    assert run_build(load_recipe(path), BuildOptions()) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "candidates_selected" in out and "the recipe's filters (licences, publishers, hosts, formats) removed" in out
+    home = gbif_env / "data" / "nothing_left"
+    assert pq.read_table(home / "metadata" / "images.parquet").num_rows == 0
+    assert set(pq.read_schema(home / "metadata" / "images.parquet").names) >= CONTRACT_COLUMNS
+    for name in ("attribution.csv", "CITATION.cff", "link_rot.md", "licenses.md"):
+        assert (home / "reports" / name).is_file(), name

@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import duckdb
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import build_home, image_bytes
@@ -79,6 +80,10 @@ def test_near_duplicates_are_flagged_not_removed(home: Path) -> None:
 
 
 def test_missing_partitions_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"manifest.parquet not found: materialize `media_manifest`"):
+        merge_image_metadata(tmp_path)
+    (tmp_path / "metadata").mkdir()
+    pq.write_table(pa.table({"label": ["1001"], "url_sha1": ["ab"]}), tmp_path / "metadata" / "manifest.parquet")
     with pytest.raises(FileNotFoundError, match=r"partitions.*materialize `images`"):
         merge_image_metadata(tmp_path)
     assert not (tmp_path / "metadata" / "images.parquet").exists()
