@@ -25,6 +25,8 @@ u < f_train + f_val, else test. All media of one occurrence share u, hence the s
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import math
 import os
 from dataclasses import dataclass, field
@@ -32,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+from duckdb.sqltypes import VARCHAR
 
 from gbif_assets.ingest.schema import literal, quote
 from gbif_assets.manifest.licenses import register_license_map
@@ -128,6 +131,18 @@ def build_manifest(
             raise ValueError(
                 f"field {needed!r} (label or split_streams_by) is not in `{source}`: rebuild `occurrences`"
             )
+    counts = con.execute(
+        "SELECT count(*), " + ", ".join(f"count({quote(c)})" for c in (recipe.label, *b.split_streams_by))
+        + f" FROM {quote(source)}"
+    ).fetchall()[0]  # fmt: skip
+    for field_name, filled in zip((recipe.label, *b.split_streams_by), counts[1:], strict=True):
+        if counts[0] and not filled:  # a misspelt field is a column of NULLs: every row would be one class
+            what = "label" if field_name == recipe.label else "balance.split_streams_by"
+            raise ValueError(
+                f"{what}: {field_name!r} has no value in any of the {counts[0]:,} media rows; is it a GBIF "
+                "occurrence field (like speciesKey, datasetKey, countryCode)? Check the spelling"
+            )
+    register_idna_host(con)
     license_map = register_license_map(con, source, ["license", "occurrence_license"])
     fallback = "TRUE" if f.allow_occurrence_license else "FALSE"
     stream_parts = [f"'{s}=' || coalesce(CAST(o.{quote(s)} AS VARCHAR), '')" for s in b.split_streams_by]
@@ -137,7 +152,7 @@ def build_manifest(
              WHEN {fallback} THEN lo.license_id END AS license_id,
         CASE WHEN lm.license_id IS NOT NULL THEN 'media'
              WHEN {fallback} AND lo.license_id IS NOT NULL THEN 'occurrence' END AS license_source,
-        lower(regexp_extract(o.identifier, '^[A-Za-z][A-Za-z0-9+.-]*://(?:[^@/]*@)?([^/:?#]+)', 1)) AS host"""
+        {host_sql("o.identifier")} AS host"""
     licensed = f"""{quote(source)} o
         LEFT JOIN {license_map} lm ON lm.raw = o."license"
         LEFT JOIN {license_map} lo ON lo.raw = o.occurrence_license"""
@@ -247,6 +262,16 @@ def build_manifest(
     )
 
 
+def _host_match(entry: str) -> str:
+    """SQL matching a host filter entry: an address only itself (0.0.2 is not 127.0.0.2), a name
+    itself and its subdomains, "*.name" its subdomains only."""
+    if entry.startswith("*."):
+        return f"host LIKE {literal('%.' + entry[2:])}"
+    with contextlib.suppress(ValueError):
+        return f"host = {literal(str(ipaddress.ip_address(entry)))}"
+    return f"(host = {literal(entry)} OR host LIKE {literal('%.' + entry)})"
+
+
 def _filters(recipe: Any) -> list[tuple[str, str]]:
     """The recipe's row filters in funnel order: (what the funnel calls it, SQL that keeps a row)."""
     f = recipe.filters
@@ -271,12 +296,32 @@ def _filters(recipe: Any) -> list[tuple[str, str]]:
         keys = "lower(coalesce(\"datasetKey\", '')) IN {0} OR lower(coalesce(\"publishingOrgKey\", '')) IN {0}"
         filters.append(("publisher denied", f"NOT ({keys.format(deny)})"))
     if f.hosts.allow:
-        cond = " OR ".join(f"host = '{h}' OR host LIKE '%.{h}'" for h in f.hosts.allow)
+        cond = " OR ".join(_host_match(h) for h in f.hosts.allow)
         filters.append(("host not allowed (strict mode)", cond))
     if f.hosts.deny:
-        cond = " OR ".join(f"host = '{h}' OR host LIKE '%.{h}'" for h in f.hosts.deny)
+        cond = " OR ".join(_host_match(h) for h in f.hosts.deny)
         filters.append(("host denied", f"NOT ({cond})"))
     return filters
+
+
+def register_idna_host(con: duckdb.DuckDBPyConnection) -> None:
+    """`idna_host(url)`: the engine's own reading of a URL's host, for the rare non-ASCII host
+    (bücher.example connects as xn--bcher-kva.example, and a host filter must see that name)."""
+    from gbif_assets.fetch.engine import host_of
+
+    with contextlib.suppress(duckdb.Error):
+        con.remove_function("idna_host")
+    con.create_function("idna_host", host_of, [VARCHAR], VARCHAR, side_effects=False)
+
+
+def host_sql(url: str) -> str:
+    """SQL for the lower-cased host a request to `url` connects to, read as the fetch engine's
+    parser (yarl) reads it: the authority ends at the first / ? or #, and the user info at its last
+    "@" (so "http://a.org?@b.org/" is a.org, and a host filter cannot be fooled). IPv6 hosts lose
+    their brackets. A test holds it to `fetch.engine.host_of` on tricky URLs."""
+    pattern = r"^[A-Za-z][A-Za-z0-9+.-]*://(?:[^/?#\\]*@)?(\[[^\]/?#\\]*\]|[^/:?#@\[\]\\]*)(?:[:/?#]|$)"
+    host = f"lower(trim(regexp_extract({url}, '{pattern}', 1), '[]'))"
+    return f"(CASE WHEN regexp_matches({host}, '[^\\x00-\\x7f]') THEN idna_host({url}) ELSE {host} END)"
 
 
 def point_manifest_view(con: duckdb.DuckDBPyConnection, parquet: Path) -> None:

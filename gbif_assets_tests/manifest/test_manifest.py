@@ -261,6 +261,54 @@ def test_missing_label_field_is_a_clear_error(tmp_path: Path) -> None:
         build_manifest(con, _recipe(), tmp_path / "m.parquet")
 
 
+def test_a_label_field_with_no_value_is_a_clear_error(tmp_path: Path) -> None:
+    """A misspelt label is a column of NULLs after ingest: say so, not "the filters removed all"."""
+    con = duckdb.connect()
+    _table(con, _pool({("1", DATASET_A): 5}))
+    con.execute('ALTER TABLE occurrences ADD COLUMN "speciesKeyy" VARCHAR')
+    with pytest.raises(ValueError, match=r"label: 'speciesKeyy' has no value in any of the 5 media rows"):
+        build_manifest(con, _recipe(label="speciesKeyy"), tmp_path / "m.parquet")
+    with pytest.raises(ValueError, match=r"balance.split_streams_by: 'speciesKeyy' has no value"):
+        build_manifest(con, _recipe(balance__split_streams_by=["speciesKeyy"]), tmp_path / "m.parquet")
+
+
+TRICKY_URLS = [
+    "http://127.0.0.41:9112?@127.0.0.2/q.jpg", "http://127.0.0.41:9112#@127.0.0.2/h.jpg", "http://a@b@c.org/x",
+    "http://user:pw@Host.Example.org:80/p", "http://[::1]:8080/x", "https://[2001:db8::1]/a",
+    "http://a.org\\@b.org/x", "http://a.org\\x/y", "HTTP://UPPER.org/X", "http://a.org", "http://a.org/p@q.org/x",
+    "http://a.org?x@y", "http:///x", "http://%61.org/x", "http://bücher.example/x", "http://BÜCHER.example/x",
+    "http://a.org.:80/", "http://127.1/x", "http://[::1/x", "https://h.org:443/p?q=1#f",
+]  # fmt: skip
+
+
+def test_manifest_host_is_the_host_the_engine_connects_to() -> None:
+    """The host a filter judges is the host the request goes to: a URL that names an allowed host
+    after "?@" or "#@" (a parser differential) cannot slip past `hosts.allow`."""
+    from gbif_assets.fetch.engine import host_of
+    from gbif_assets.manifest.build import host_sql, register_idna_host
+
+    con = duckdb.connect()
+    register_idna_host(con)
+    rows = con.execute(f"SELECT u, {host_sql('u')} FROM unnest(?) t(u)", [TRICKY_URLS]).fetchall()
+    assert [(u, h) for u, h in rows if h != host_of(u)] == []
+    assert dict(rows)["http://127.0.0.41:9112?@127.0.0.2/q.jpg"] == "127.0.0.41"
+
+
+def test_host_entries_addresses_and_wildcards(tmp_path: Path) -> None:
+    """An address matches only itself (0.0.2 is not 127.0.0.2); "*.name" only its subdomains."""
+    urls = ["http://127.0.0.2/a.jpg", "http://10.0.0.2/b.jpg", "http://x.h.org/c.jpg", "http://h.org/d.jpg",
+            "http://127.0.0.41?@127.0.0.2/e.jpg"]  # fmt: skip
+    con = duckdb.connect()
+    _table(con, [{"gbifID": str(i), "species": "1", "dataset": DATASET_A, "urls": [u]} for i, u in enumerate(urls, 1)])
+    for allow, kept in (
+        (["127.0.0.2"], {"http://127.0.0.2/a.jpg"}),
+        (["*.h.org"], {"http://x.h.org/c.jpg"}),
+        (["h.org"], {"http://x.h.org/c.jpg", "http://h.org/d.jpg"}),
+    ):
+        build_manifest(con, _recipe(filters__hosts={"allow": allow}), tmp_path / "m.parquet")
+        assert {r[0] for r in con.execute("SELECT identifier FROM media_manifest").fetchall()} == kept, allow
+
+
 def test_split_hash_in_64_bit_arithmetic_equals_the_128_bit_modulo() -> None:
     con = duckdb.connect()
     fast = _md5_mod("'0:split:' || CAST(i AS VARCHAR)", 10**9)
