@@ -40,6 +40,14 @@ DOWNSTREAM = (
 )
 
 
+def _caused_by(error: SerializableErrorInfo | None, *names: str) -> bool:
+    while error is not None:
+        if error.cls_name in names:
+            return True
+        error = error.cause
+    return False
+
+
 def _cause(error: SerializableErrorInfo | None) -> str:
     """The innermost error's own words: Dagster wraps an asset's exception in "Error occurred
     while executing op", which says nothing about what went wrong."""
@@ -85,11 +93,11 @@ def _resolve_selection(select: str | None, defs: dg.Definitions, recipe: Recipe)
     if not select:
         return everything
     text = select.strip()
-    if any(token in text for token in (":", " ", "(")):
-        selection = dg.AssetSelection.from_string(text)
-    else:
-        selection = dg.AssetSelection.from_coercible([part.strip() for part in text.split(",") if part.strip()])
     try:
+        if any(token in text for token in (":", " ", "(")):
+            selection = dg.AssetSelection.from_string(text)
+        else:
+            selection = dg.AssetSelection.from_coercible([part.strip() for part in text.split(",") if part.strip()])
         keys = selection.resolve(graph)
     except Exception as exc:  # Dagster raises several types for unknown keys
         raise BuildFailed(f"--select {select!r}: {exc}") from None
@@ -126,6 +134,7 @@ class _Runner:
         self.assets = list(self.defs.assets or []) + list(self.defs.asset_checks or [])
         self.failures: list[str] = []
         self.warnings: list[str] = []
+        self.gbif_failed = False  # GBIF refused or could not be reached: exit 2, as for a bad recipe
 
     def _on_progress(self, stage: str, figures: dict) -> None:
         task = self._tasks.get(stage)
@@ -158,7 +167,11 @@ class _Runner:
             run_config=self._run_config(),
         )
         for event in result.get_step_failure_events():
-            message = _cause(event.event_specific_data.error)
+            error = event.event_specific_data.error
+            if _caused_by(error, "DagsterExecutionInterruptedError", "KeyboardInterrupt"):
+                raise KeyboardInterrupt  # Ctrl-C became a step failure: stop the build, not just this step
+            self.gbif_failed = self.gbif_failed or _caused_by(error, "GbifError", "GbifAuthError", "DownloadGone")
+            message = _cause(error)
             self.failures.append(f"{event.step_key}{f' [{partition}]' if partition else ''}: {message}")
             self.console.print(f"[red]FAILED[/red] {event.step_key}: {message}")
         for evaluation in result.get_asset_check_evaluations():
@@ -210,6 +223,12 @@ def run_build(recipe: Recipe, options: BuildOptions) -> int:
         console.print(f"[red]error:[/red] {exc}")
         return 2
     key = lambda asset: dg.AssetKey([name, asset])  # noqa: E731
+    if key("download_request") in selected and recipe.source.mode == "download":
+        try:  # before anything runs: a missing account is a setup error, not a failed step
+            steps.require_credentials(runner.settings, "download mode")
+        except steps.StepError as exc:
+            console.print(f"[red]error:[/red] {exc}")
+            return 2
     upstream = [key(a) for a in UPSTREAM if key(a) in selected]
     ok = True
     if key("download_request") in upstream:
@@ -224,7 +243,9 @@ def run_build(recipe: Recipe, options: BuildOptions) -> int:
     if ok:
         ok = runner.materialize([key(a) for a in DOWNSTREAM if key(a) in selected])
     summarize(console, recipe, runner.home, runner.failures, runner.warnings)
-    return 0 if ok and not runner.failures else 1
+    if ok and not runner.failures:
+        return 0
+    return 2 if runner.gbif_failed else 1
 
 
 def _run_partitions(runner: _Runner, images_key: dg.AssetKey) -> bool:

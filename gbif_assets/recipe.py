@@ -6,6 +6,7 @@ alternative is a half-built dataset hours later.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import uuid
 from pathlib import Path
@@ -23,7 +24,7 @@ from pydantic import (
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 FIELD_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
-HOST_RE = re.compile(r"^(?=.{1,253}$)[a-z0-9*]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*$")
+HOST_RE = re.compile(r"^(\*\.)?(?=.{1,253}$)[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*$")
 DOWNLOAD_KEY_RE = re.compile(r"^\d{7}-\d{15}$")
 DOI_RE = re.compile(r"^(https?://(dx\.)?doi\.org/|doi:)?(10\.\d{4,9}/\S+)$", re.IGNORECASE)
 
@@ -44,7 +45,8 @@ class RecipeError(ValueError):
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: `nb_samples: true` is not 1 and `seed: "0"` is not 0 (floats still take integers)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 def _listify(value: Any) -> list[Any]:
@@ -72,6 +74,10 @@ class Source(_Model):
         for field, values in value.items():
             if not isinstance(field, str) or not FIELD_RE.match(field):
                 raise ValueError(f"{field!r} is not a GBIF occurrence field name")
+            from gbif_assets.gbif.predicate import typo_of
+
+            if (meant := typo_of(field)) is not None:
+                raise ValueError(f"{field!r} is not a GBIF occurrence search field; did you mean {meant!r}?")
             items = _listify(values)
             if not items:
                 raise ValueError(f"{field}: give at least one value")
@@ -139,9 +145,15 @@ class HostFilter(AllowDeny):
     def _hosts(cls, values: list[str]) -> list[str]:
         out = []
         for value in values:
-            host = str(value).strip().lower()
-            if not HOST_RE.match(host):
-                raise ValueError(f"{value!r} is not a host name (like inaturalist-open-data.s3.amazonaws.com)")
+            host = str(value).strip().lower().removeprefix("[").removesuffix("]")
+            try:
+                host = str(ipaddress.ip_address(host))  # an address matches only itself
+            except ValueError:
+                if not HOST_RE.match(host) or host.replace(".", "").isdigit():  # "0.0.2": part of an address
+                    raise ValueError(
+                        f"{value!r} is not a host name (like inaturalist-open-data.s3.amazonaws.com, "
+                        "*.amazonaws.com for its subdomains only, or an IP address)"
+                    ) from None
             out.append(host)
         return out
 
@@ -170,9 +182,18 @@ class Filters(_Model):
     @field_validator("formats")
     @classmethod
     def _formats(cls, values: list[str]) -> list[str]:
+        if not values:
+            raise ValueError("give at least one format (like image/jpeg); an empty list would keep nothing")
         for value in values:
             if not re.match(r"^image/[a-z0-9.+-]+$", value):
                 raise ValueError(f"{value!r} is not an image MIME type (like image/jpeg)")
+        return values
+
+    @field_validator("media_types")
+    @classmethod
+    def _media_types(cls, values: list[str]) -> list[str]:
+        if not values:
+            raise ValueError("give at least one media type (like StillImage); an empty list would keep nothing")
         return values
 
 
@@ -207,6 +228,12 @@ class Balance(_Model):
         if value is not None and value <= 0:
             raise ValueError(f"must be a positive integer, got {value}")
         return value
+
+    @model_validator(mode="after")
+    def _weighted(self) -> Balance:
+        if self.weighted_streams and self.nb_samples is None:
+            raise ValueError("weighted_streams shares nb_samples among the streams: give nb_samples too")
+        return self
 
 
 class Split(_Model):
@@ -248,22 +275,27 @@ _CRON_NAMES = (
 )
 
 
-def _cron_field_ok(text: str, lo: int, hi: int, names: str | None) -> bool:
+_MONTH_DAYS = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
+
+
+def _cron_values(text: str, lo: int, hi: int, names: str | None) -> set[int] | None:
+    """The values a cron field allows, or None when it is not valid cron."""
     lookup = {n: i + (1 if names and names.startswith("jan") else 0) for i, n in enumerate((names or "").split())}
+    values: set[int] = set()
     for part in text.split(","):
         base, _, step = part.partition("/")
         if step and not (step.isdigit() and int(step) > 0):
-            return False
-        if base == "*":
-            continue
-        bounds = base.split("-")
+            return None
+        bounds = [str(lo), str(hi)] if base == "*" else base.split("-")
         if len(bounds) > 2:
-            return False
-        for bound in bounds:
-            value = lookup.get(bound.lower()) if not bound.isdigit() else int(bound)
-            if value is None or not lo <= value <= hi:
-                return False
-    return True
+            return None
+        numbers = [lookup.get(b.lower()) if not b.isdigit() else int(b) for b in bounds]
+        if any(n is None or not lo <= n <= hi for n in numbers):
+            return None
+        first = numbers[0]
+        last = numbers[-1] if len(numbers) == 2 else (hi if step else first)  # "5/10" runs to the top
+        values.update(range(first, last + 1, int(step or 1)))
+    return values
 
 
 def validate_cron(expr: str) -> str:
@@ -271,9 +303,15 @@ def validate_cron(expr: str) -> str:
     fields = expr.split()
     if len(fields) != 5:
         raise ValueError(f"{expr!r} must have 5 fields (minute hour day-of-month month day-of-week)")
+    allowed = []
     for text, (lo, hi), names in zip(fields, _CRON_RANGES, _CRON_NAMES, strict=True):
-        if not _cron_field_ok(text, lo, hi, names):
+        values = _cron_values(text, lo, hi, names)
+        if values is None:
             raise ValueError(f"{expr!r}: field {text!r} is not valid cron (allowed {lo}-{hi}, *, ranges, steps)")
+        allowed.append(values)
+    days, months = allowed[2], allowed[3]
+    if not any(day <= _MONTH_DAYS[month - 1] for day in days for month in months):  # as Dagster refuses it
+        raise ValueError(f"{expr!r}: no month in it has such a day, so the schedule would never run")
     return expr
 
 
@@ -359,6 +397,22 @@ def parse_recipe(data: Any, origin: str) -> Recipe:
         raise RecipeError(f"{origin}: invalid recipe\n  source.predicate: {exc}") from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error: the last
+    one silently winning hides a recipe's real setting."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate `datasets/<name>.yaml`; the file stem must equal the recipe name."""
     path = Path(path)
@@ -367,10 +421,14 @@ def load_recipe(path: str | Path) -> Recipe:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise RecipeError(f"{origin}: recipe file not found") from None
+    except IsADirectoryError:
+        raise RecipeError(f"{origin}: is a folder; give the recipe's .yaml file") from None
+    except OSError as exc:
+        raise RecipeError(f"{origin}: cannot read the recipe ({exc.strerror or exc})") from None
     except UnicodeDecodeError:
         raise RecipeError(f"{origin}: not UTF-8 text") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         raise RecipeError(f"{origin}: not valid YAML: {exc}") from None
     recipe = parse_recipe(data, origin)
@@ -388,7 +446,12 @@ def load_recipes(directory: str | Path) -> list[Recipe]:
     if not directory.is_dir():
         raise RecipeError(f"{directory}: recipe folder not found (set GBIF_ASSETS_DATASETS)")
     recipes, errors = [], []
+    seen: dict[str, Path] = {}
     for path in sorted([*directory.glob("*.yaml"), *directory.glob("*.yml")]):
+        if path.stem in seen:
+            errors.append(f"{path}: {seen[path.stem].name} already defines dataset {path.stem!r}; keep one file")
+            continue
+        seen[path.stem] = path
         try:
             recipes.append(load_recipe(path))
         except RecipeError as exc:

@@ -46,12 +46,15 @@ class Settings:
     @classmethod
     def from_env(cls) -> Settings:
         """Resolve settings now; paths are made absolute so a later chdir cannot move outputs."""
+        home = Path(os.environ.get("GBIF_ASSETS_HOME", "data")).resolve()
+        if home.exists() and not home.is_dir():
+            raise SettingsError(f"GBIF_ASSETS_HOME (--home) {home} is a file, not a folder")
         return cls(
             api_url=os.environ.get("GBIF_API_URL", DEFAULT_API_URL).rstrip("/"),
             username=os.environ.get("GBIF_USERNAME") or None,
             password=os.environ.get("GBIF_PASSWORD") or None,
             email=os.environ.get("GBIF_EMAIL") or None,
-            home=Path(os.environ.get("GBIF_ASSETS_HOME", "data")).resolve(),
+            home=home,
             datasets_dir=Path(os.environ.get("GBIF_ASSETS_DATASETS", "datasets")).resolve(),
             allow_private_hosts=env_flag("GBIF_ASSETS_ALLOW_PRIVATE_HOSTS"),
             fetch_processes=fetch_processes_from_env(),

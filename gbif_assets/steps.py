@@ -74,7 +74,8 @@ def _client(settings: Settings):
     return GbifClient(settings.api_url, settings.username, settings.password, settings.email)
 
 
-def _require_credentials(settings: Settings, why: str) -> None:
+def require_credentials(settings: Settings, why: str) -> None:
+    """Download mode needs a GBIF account; say which variables are missing before anything runs."""
     missing = [
         name
         for name, value in (
@@ -102,7 +103,7 @@ class DownloadRequest:
 
 def request_download(recipe: Recipe, settings: Settings, home: Path) -> DownloadRequest:
     """Post the recipe's predicate; GBIF gives the same key back for a repeat within 48 h."""
-    _require_credentials(settings, "download mode")
+    require_credentials(settings, "download mode")
     predicate = recipe.predicate()
 
     async def go() -> str:

@@ -6,6 +6,7 @@ network functions are never called, since they hard-code GBIF's hosts.
 
 from __future__ import annotations
 
+import difflib
 import re
 from typing import Any
 
@@ -18,6 +19,31 @@ KEY_FIXES = {
     "mediaType": "MEDIA_TYPE",
     "gbifID": "GBIF_ID",
 }
+# occurrence search parameters beyond pygbif's table (GBIF's OccurrenceSearchParameter), to tell a
+# typo ("speciesKeyy") from a field gbif-assets has not heard of, which is passed on as given
+MORE_SEARCH_FIELDS = {
+    "acceptedTaxonKey", "countryCode", "day", "degreeOfEstablishment", "dwcaExtension", "endDayOfYear",
+    "eventDateGte", "gadmGid", "gadmLevel0Gid", "gadmLevel1Gid", "gadmLevel2Gid", "gadmLevel3Gid",
+    "gbifId", "gbifRegion", "georeferencedBy", "hostingOrganizationKey", "installationKey",
+    "institutionKey", "collectionKey", "isInCluster", "isSequenced", "iucnRedListCategory",
+    "lifeStage", "mediaType", "parentEventId", "pathway", "previousIdentifications",
+    "publishedByGbifRegion", "sex", "startDayOfYear", "taxonomicStatus", "verbatimTaxonId",
+    "higherGeography", "island", "islandGroup", "fieldNumber", "checklistKey", "taxonConceptId",
+}  # fmt: skip
+SEARCH_FIELDS = frozenset(key_lkup) | frozenset(KEY_FIXES) | MORE_SEARCH_FIELDS
+
+
+def typo_of(field: str) -> str | None:
+    """The known search field that `field` misspells, or None (known, or unknown but not close)."""
+    if field in SEARCH_FIELDS:
+        return None
+    folded = {f.lower(): f for f in SEARCH_FIELDS}
+    if field.lower() in folded:
+        return folded[field.lower()]
+    close = difflib.get_close_matches(field, SEARCH_FIELDS, n=1, cutoff=0.85)
+    return close[0] if close else None
+
+
 COMPARISONS = {
     "equals",
     "greaterThan",

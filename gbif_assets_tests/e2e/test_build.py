@@ -157,16 +157,22 @@ def test_a_bad_setting_is_one_clear_line_and_nothing_is_written(tmp_path: Path) 
     assert not (tmp_path / "data").exists()
 
 
-def test_a_failed_step_says_why(
+def test_setup_and_gbif_errors_say_why_and_exit_2(
     gbif_env: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """The step's own error, not Dagster's "Error occurred while executing op" wrapper."""
+    """A missing account is found before anything runs; a GBIF error inside a step shows GBIF's
+    words, not Dagster's "Error occurred while executing op" wrapper. Both exit 2 (README)."""
     monkeypatch.delenv("GBIF_USERNAME")
     recipe = load_recipe(copy_recipe("invasive_plants_download", gbif_env / "datasets"))
-    assert run_build(recipe, BuildOptions(poll_seconds=0.2)) == 1
+    assert run_build(recipe, BuildOptions(poll_seconds=0.2)) == 2
     out = " ".join(capsys.readouterr().out.split())
     assert "download mode needs a GBIF account: set GBIF_USERNAME" in out
-    assert "Error occurred while executing" not in out
+    assert not (gbif_env / "data" / "invasive_plants_download" / "state").exists()
+    path = gbif_env / "datasets" / "gone.yaml"
+    path.write_text("name: gone\nsource: {mode: existing, key: 9999999-999999999999999}\n")
+    assert run_build(load_recipe(path), BuildOptions()) == 2
+    out = " ".join(capsys.readouterr().out.split())
+    assert "9999999-999999999999999" in out and "Error occurred while executing" not in out
 
 
 def test_filters_that_remove_everything_end_clearly(gbif_env: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -166,6 +166,25 @@ BAD = [
     ("bad cron field", _edit(["refresh_cron"], "0 25 1 * *"), "refresh_cron", "allowed 0-23"),
     ("bad label", _edit(["label"], "species key"), "label", "occurrence field name"),
     (
+        "query field typo",
+        _edit(["source", "query"], {"speciesKeyy": [1]}),
+        "source.query",
+        "did you mean 'speciesKey'",
+    ),
+    ("nb_samples bool", _edit(["balance", "nb_samples"], True), "balance.nb_samples", "integer"),
+    ("seed bool", _edit(["balance", "seed"], False), "balance.seed", "integer"),
+    ("empty formats", _edit(["filters", "formats"], []), "filters.formats", "at least one format"),
+    ("empty media types", _edit(["filters", "media_types"], []), "filters.media_types", "at least one media type"),
+    (
+        "weighted without nb_samples",
+        lambda d: _edit(["balance", "weighted_streams"], True)(_edit(["balance", "nb_samples"], _DELETE)(d)),
+        "balance",
+        "give nb_samples too",
+    ),
+    ("cron that never runs", _edit(["refresh_cron"], "0 3 31 2 *"), "refresh_cron", "never run"),
+    ("wildcard inside a host", _edit(["filters", "hosts"], {"allow": ["a.*.org"]}), "filters.hosts.allow", "host"),
+    ("part of an address", _edit(["filters", "hosts"], {"deny": ["0.0.2"]}), "filters.hosts.deny", "IP address"),
+    (
         "bad vanished policy",
         _edit(["refresh_vanished"], "delete"),
         "refresh_vanished",
@@ -243,3 +262,69 @@ def test_licence_ids_cover_the_families() -> None:
 @pytest.mark.parametrize("expr", ["0 3 1 * *", "*/15 * * * mon-fri", "0 0 1 jan,jul *", "5 4 * * 7"])
 def test_valid_cron(expr: str) -> None:
     assert validate_cron(expr) == expr
+
+
+def test_a_folder_or_a_duplicate_key_is_named(tmp_path: Path) -> None:
+    (tmp_path / "dir.yaml").mkdir()
+    with pytest.raises(RecipeError, match=r"dir\.yaml: is a folder"):
+        load_recipe(tmp_path / "dir.yaml")
+    text = EXAMPLE.read_text().replace("name: invasive_plants\n", "name: demo\n") + "label: datasetKey\n"
+    with pytest.raises(RecipeError, match="duplicate key 'label'"):
+        load_recipe(_write(tmp_path, text))
+
+
+def test_anchors_and_merge_keys_still_work(tmp_path: Path) -> None:
+    text = (
+        "name: demo\nlabel: speciesKey\nsource: {mode: search, query: {speciesKey: [1]}}\n"
+        "common: &d {concurrency: 8, per_host: 2}\n"
+    )
+    with pytest.raises(RecipeError, match="common: unknown field"):  # the anchor's holder is still checked
+        load_recipe(_write(tmp_path, text))
+    text = (
+        "name: demo\nsource: {mode: search, query: {speciesKey: [1]}}\n"
+        "download: &d {concurrency: 8, per_host: 2}\n"
+        "balance: {split_streams_by: [datasetKey]}\n"
+    )
+    assert load_recipe(_write(tmp_path, text)).download.per_host == 2
+
+
+def test_same_name_as_yaml_and_yml(tmp_path: Path) -> None:
+    _write(tmp_path, _base())
+    (tmp_path / "demo.yml").write_text((tmp_path / "demo.yaml").read_text())
+    with pytest.raises(RecipeError, match=r"demo\.yml: demo\.yaml already defines dataset 'demo'"):
+        load_recipes(tmp_path)
+
+
+def test_host_entries() -> None:
+    """An address matches only itself; "*.name" is allowed at the front only."""
+    data = _base()
+    data["filters"]["hosts"] = {"allow": ["*.amazonaws.com", "127.0.0.2", "[::1]", "Example.ORG"]}
+    from gbif_assets.recipe import parse_recipe
+
+    assert parse_recipe(data, "x").filters.hosts.allow == ["*.amazonaws.com", "127.0.0.2", "::1", "example.org"]
+
+
+@pytest.mark.parametrize(
+    "expr",
+    ["0 3 1 * *", "0 3 29 2 *", "0 3 30 2 *", "0 3 31 2 1", "0 3 31 4,6 *", "0 3 31 4,7 *", "5/10 * * * *",
+     "0 0 1-7 jan-mar mon", "0 3 31 */2 *", "0 3 30-31 2 *", "0 3 31 feb,apr,jun *"],
+)  # fmt: skip
+def test_cron_agrees_with_dagster(expr: str) -> None:
+    """What Dagster's schedule refuses, the recipe refuses, so a recipe never breaks `dagster dev`
+    (the recipe also refuses schedules Dagster takes that can never run, like the 31st of April)."""
+    import dagster as dg
+
+    try:
+        dg.ScheduleDefinition(name="x", cron_schedule=expr, target=dg.AssetSelection.all())
+        dagster_ok = True
+    except dg.DagsterInvalidDefinitionError:
+        dagster_ok = False
+    try:
+        validate_cron(expr)
+        ours_ok = True
+    except ValueError:
+        ours_ok = False
+    assert dagster_ok or not ours_ok
+    assert ours_ok == (
+        expr not in ("0 3 30 2 *", "0 3 31 2 1", "0 3 31 4,6 *", "0 3 30-31 2 *", "0 3 31 feb,apr,jun *")
+    )
