@@ -443,8 +443,9 @@ def check_licenses(recipe: Recipe, home: Path) -> list[str]:
 
 
 def check_quota(recipe: Recipe, home: Path) -> tuple[list[str], list[dict[str, Any]]]:
-    """Labels with fewer kept images than `download.min_per_label`."""
-    counts = {}
+    """Labels with fewer kept images than `download.min_per_label`; a manifest label that kept
+    nothing at all (every link dead) counts too."""
+    counts = dict.fromkeys(manifest_labels(home), 0)
     for (label, _split), n in image_counts(home).items():
         counts[label] = counts.get(label, 0) + n
     need = recipe.download.min_per_label

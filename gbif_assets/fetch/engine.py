@@ -651,6 +651,8 @@ class FetchEngine:
                 task.cancel()
             for shard in shards[1:]:
                 shard.kill()  # no-op once a shard process has finished
+            for shard in shards[1:]:  # reaped while the loop runs: asyncio warns of children it outlives
+                await shard.wait()
             reporter.cancel()
             self._emit()
         return self.outcomes

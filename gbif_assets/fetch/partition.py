@@ -9,12 +9,15 @@ already there and fetches only what is missing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
+import fcntl
+import hashlib
 import os
 import re
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,9 +48,64 @@ ATTEMPT_SCHEMA = pa.schema(
 
 
 def label_dir(label: str) -> str:
-    """A label value as a folder name (GBIF keys are digits; other labels may need escaping)."""
+    """A label value as a folder name. GBIF keys are digits and stay as they are; a label that
+    needs escaping gets a short hash of itself, so "Mentha piperita" and "Mentha × piperita"
+    stay two classes (two folders), not one."""
     cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("._")
-    return cleaned or "_"
+    if cleaned == label:
+        return label
+    return f"{cleaned or '_'}-{hashlib.sha1(label.encode()).hexdigest()[:8]}"
+
+
+@contextlib.contextmanager
+def label_lock(home: Path, label: str) -> Iterator[None]:
+    """One run per label at a time: a second run of the same partition (the UI and the command
+    line, say) would delete the first one's files in flight. It fails at once, saying so."""
+    path = home / "metadata" / "partitions" / f".{label_dir(label)}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LabelBusy(f"label {label!r} is being downloaded by another run right now; wait for it") from None
+        yield
+
+
+class LabelBusy(RuntimeError):
+    """Another run holds the label."""
+
+
+class _AttemptLog:
+    """metadata/downloads/<label>.parquet, written as the fetch goes: every few seconds the new
+    rows go to a chunk file beside it, and the chunks are folded into the log at the end or, after
+    a kill, at the start of the next run, so no attempt is lost to a kill."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.written = 0
+        self.run = f"{os.getpid()}-{time.time_ns()}"
+
+    def _chunks(self) -> list[Path]:
+        return sorted(self.path.parent.glob(f"{self.path.name}.chunk-*"))
+
+    def fold(self, more: Sequence[dict[str, Any]] = ()) -> None:
+        """Log + every chunk + `more` -> the log, atomically; then the chunks go."""
+        chunks = self._chunks()
+        rows = _read_rows(self.path)
+        for chunk in chunks:
+            rows += pq.read_table(chunk).to_pylist()
+        _write_parquet(pa.Table.from_pylist(rows + list(more), schema=ATTEMPT_SCHEMA), self.path)
+        for chunk in chunks:
+            chunk.unlink(missing_ok=True)
+
+    def flush(self, attempts: list[dict[str, Any]]) -> None:
+        """The rows not yet on disk, as one more chunk."""
+        new = attempts[self.written :]
+        if not new:
+            return
+        chunk = self.path.parent / f"{self.path.name}.chunk-{self.run}-{self.written:09d}"
+        _write_parquet(pa.Table.from_pylist(new, schema=ATTEMPT_SCHEMA), chunk)
+        self.written += len(new)
 
 
 @dataclass
@@ -80,7 +138,7 @@ class LabelFetchResult:
 
 def _write_parquet(table: pa.Table, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".parquet.tmp")
+    tmp = path.with_name(path.name + ".tmp")
     pq.write_table(table, tmp)
     os.replace(tmp, path)
 
@@ -124,9 +182,21 @@ def download_label(
     row (`vanished="keep"`) or deleted (`"remove"`). Files beyond a stream's target (the balance
     shrank) are deleted, so the set stays balanced and every file keeps a row.
     """
-    started = time.monotonic()
     if not manifest_parquet.exists():
         raise FileNotFoundError(f"{manifest_parquet} not found: materialize `media_manifest` first")
+    with label_lock(home, label):
+        return _download_label(manifest_parquet, label, home, config, progress, vanished)
+
+
+def _download_label(
+    manifest_parquet: Path,
+    label: str,
+    home: Path,
+    config: FetchConfig,
+    progress: Callable[[Progress], None] | None,
+    vanished: str,
+) -> LabelFetchResult:
+    started = time.monotonic()
     rows = _manifest_rows(manifest_parquet, label)
     if not rows:
         raise ValueError(f"label {label!r} has no candidates in {manifest_parquet}")
@@ -134,8 +204,10 @@ def download_label(
     for split in ("train", "val", "test"):
         for stale in (home / "images" / split / folder).glob(".*.part"):
             stale.unlink(missing_ok=True)  # left by a killed run; never at a final path
-    kept_path = home / "metadata" / "partitions" / f"{label_dir(label)}.parquet"
-    log_path = home / "metadata" / "downloads" / f"{label_dir(label)}.parquet"
+    kept_path = home / "metadata" / "partitions" / f"{folder}.parquet"
+    log_path = home / "metadata" / "downloads" / f"{folder}.parquet"
+    log = _AttemptLog(log_path)
+    log.fold()  # the attempts of a run that was killed, from its chunks
     previous = {r["url_sha1"]: r for r in _read_rows(kept_path)}
     kept: list[dict[str, Any]] = []
     streams: dict[str, tuple[list[Candidate], int]] = {}
@@ -145,7 +217,11 @@ def download_label(
         found = _existing(dest, row["url_sha1"])
         if found is not None and present[row["stream"]] < row["stream_target"]:
             record = previous.get(row["url_sha1"])
-            if record is None or record.get("path") != found.relative_to(home).as_posix():
+            if (
+                record is None
+                or record.get("path") != found.relative_to(home).as_posix()
+                or record.get("bytes") != found.stat().st_size  # changed or cut since: check it again
+            ):
                 verified = verify_image(str(found), config.max_pixels)
                 if not verified.ok:
                     found.unlink()
@@ -170,7 +246,13 @@ def download_label(
             )
         )
     todo = {s: (c, max(0, t - present[s])) for s, (c, t) in streams.items()}
-    engine = FetchEngine(config, progress)
+
+    def report(figures: Progress) -> None:  # every few seconds: the new attempts reach the disk too
+        log.flush(engine.attempts)
+        if progress is not None:
+            progress(figures)
+
+    engine = FetchEngine(config, report)
     outcomes: list[Outcome] = asyncio.run(engine.run(todo)) if any(t for _, t in todo.values()) else []
     by_sha = {r["url_sha1"]: r for r in rows}
     for outcome in outcomes:
@@ -194,8 +276,7 @@ def download_label(
                 )
             )
     gone, surplus = _reconcile(home, folder, rows, kept, previous, vanished)
-    attempts = _read_rows(log_path) + engine.attempts
-    _write_parquet(pa.Table.from_pylist(attempts, schema=ATTEMPT_SCHEMA), log_path)
+    log.fold(engine.attempts[log.written :])
     _write_parquet(pa.Table.from_pylist(kept, schema=KEPT_SCHEMA), kept_path)
     targets = {s: int(r["stream_target"]) for r in rows for s in [r["stream"]]}
     got = Counter(r["stream"] for r in kept)

@@ -100,6 +100,10 @@ class RemoteShard:
                 self._process.kill()
         self._writer.close()
 
+    async def wait(self) -> None:
+        """Until the process has exited (after `kill`, at once)."""
+        await self._process.wait()
+
 
 async def _serve(read_fd: int, write_fd: int) -> None:
     """The shard process: take jobs until told to close, fetch them, send results back."""

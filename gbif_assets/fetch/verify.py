@@ -33,7 +33,10 @@ Image.MAX_IMAGE_PIXELS = None  # max_pixels is enforced here, from the header, p
 
 def die_with_parent() -> None:
     """First call in every child process (image-check workers, fetch shards): on Linux, ask the
-    kernel to kill this process when its parent dies, so a `kill -9` of a build leaves none behind."""
+    kernel to kill this process when its parent dies, so a `kill -9` of a build leaves none behind.
+    Ctrl-C reaches the whole process group: the parent stops the run, and the children go with it
+    (without a traceback each)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG

@@ -99,7 +99,8 @@ class VerifyPool:
             worker.writer.close()
         for worker in list(self._workers):
             if worker.reading is not None:
-                await worker.reading
+                await asyncio.wait([worker.reading])  # done or cancelled (Ctrl-C): either way it is over
+            await worker.process.wait()  # reaped while the loop runs: asyncio warns of children it outlives
 
 
 def _serve(read_fd: int, write_fd: int) -> None:

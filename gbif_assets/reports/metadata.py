@@ -192,22 +192,28 @@ def _near_duplicates(con: duckdb.DuckDBPyConnection, home: Path, max_distance: i
 
 
 def check_files_match(home: Path) -> list[str]:
-    """Every image file on disk has a row, and every row has its file."""
+    """Every image file on disk has a row, every row has its file, and the file is as long as the
+    row says (a file cut or replaced since it was verified is caught by its size)."""
     table = home / "metadata" / "images.parquet"
     if not table.exists():
         return [f"{table} does not exist"]
     con = duckdb.connect()
     try:
-        rows = {r[0] for r in con.execute(f"SELECT path FROM read_parquet({literal(table)})").fetchall()}
+        rows = dict(con.execute(f"SELECT path, bytes FROM read_parquet({literal(table)})").fetchall())
     finally:
         con.close()
     files = {
-        p.relative_to(home).as_posix()
+        p.relative_to(home).as_posix(): p.stat().st_size
         for p in (home / "images").rglob("*")
         if p.is_file() and not p.name.startswith(".") and p.name != "metadata.csv"
     }
-    problems = [f"file without a row: {p}" for p in sorted(files - rows)]
-    problems += [f"row without a file: {p}" for p in sorted(rows - files)]
+    problems = [f"file without a row: {p}" for p in sorted(files.keys() - rows.keys())]
+    problems += [f"row without a file: {p}" for p in sorted(rows.keys() - files.keys())]
+    problems += [
+        f"file size differs from its row: {p} ({files[p]} bytes, row says {rows[p]})"
+        for p in sorted(files.keys() & rows.keys())
+        if rows[p] is not None and files[p] != rows[p]
+    ]
     return problems
 
 

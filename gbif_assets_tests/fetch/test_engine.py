@@ -20,6 +20,7 @@ from PIL import Image
 
 from gbif_assets.emulator.imagehosts import ImageHosts, image_bytes
 from gbif_assets.fetch import Candidate, FetchConfig, FetchEngine, download_label
+from gbif_assets.fetch.partition import LabelBusy, label_dir, label_lock
 
 
 def _cand(url: str, dest: Path, stream: str = "s", rank: int = 1, gbif_id: str = "1") -> Candidate:
@@ -207,12 +208,18 @@ def _cmdline(proc: Path) -> str:
 
 
 def test_kill_dash_nine_then_resume(hosts: ImageHosts, tmp_path: Path) -> None:
+    """After kill -9: no partial file at a final path, no process left, nothing fetched twice, and
+    the attempts written before the kill (chunks, every progress tick) are in the log after."""
     home = tmp_path / "home"
-    manifest = _manifest(tmp_path / "manifest.parquet", hosts.base_urls["slow"], 40)
+    total = 80  # 8 s at the slow host's pace: the kill comes after the first attempt chunk (3 s)
+    manifest = _manifest(tmp_path / "manifest.parquet", hosts.base_urls["slow"], total)
     env = {**os.environ, "GBIF_ASSETS_ALLOW_PRIVATE_HOSTS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "gbif_assets.fetch", str(manifest), "L1", str(home)], env=env)
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and len(list(home.glob("images/*/L1/*.jpg"))) < 8:
+    chunks = home / "metadata" / "downloads"
+    while time.monotonic() < deadline and not (
+        len(list(home.glob("images/*/L1/*.jpg"))) >= 8 and list(chunks.glob("L1.parquet.chunk-*"))
+    ):
         time.sleep(0.05)
     workers = [p for p in Path("/proc").glob("[0-9]*") if _cmdline(p).endswith(f"--parent {proc.pid}")]
     os.kill(proc.pid, signal.SIGKILL)
@@ -222,19 +229,23 @@ def test_kill_dash_nine_then_resume(hosts: ImageHosts, tmp_path: Path) -> None:
     orphans = [p for p in Path("/proc").glob("[0-9]*") if _cmdline(p).endswith(f"--parent {proc.pid}")]
     assert orphans == []  # the image-check workers died with their parent
     finished = {p: p.stat().st_mtime_ns for p in home.glob("images/*/L1/*.jpg")}
-    assert 8 <= len(finished) < 40
+    assert 8 <= len(finished) < total
     for path in finished:  # every file at a final path is a whole, valid image
         with Image.open(path) as img:
             img.load()
+    logged = sum(pq.read_table(c).num_rows for c in chunks.glob("L1.parquet.chunk-*"))
+    assert logged >= 1
     before = hosts.stats["slow"].requests
     result = download_label(manifest, "L1", home, _config(concurrency=4, per_host=2))
-    assert result.kept == 40 and result.already_present == len(finished)
-    assert hosts.stats["slow"].requests - before == 40 - len(finished)  # nothing fetched twice
+    assert result.kept == total and result.already_present == len(finished)
+    assert hosts.stats["slow"].requests - before == total - len(finished)  # nothing fetched twice
+    assert not list(chunks.glob("L1.parquet.chunk-*"))  # folded into the log
+    assert pq.read_table(chunks / "L1.parquet").num_rows == logged + result.attempts
     for path, mtime in finished.items():
         assert path.stat().st_mtime_ns == mtime
     assert not list(home.glob("images/*/L1/.*.part"))
     kept = pq.read_table(home / "metadata" / "partitions" / "L1.parquet")
-    assert kept.num_rows == 40 and set(kept.column("source").to_pylist()) == {"publisher"}
+    assert kept.num_rows == total and set(kept.column("source").to_pylist()) == {"publisher"}
     log = pq.read_table(home / "metadata" / "downloads" / "L1.parquet")
     assert {
         "url",
@@ -247,6 +258,41 @@ def test_kill_dash_nine_then_resume(hosts: ImageHosts, tmp_path: Path) -> None:
         "attempt",
         "source",
     } <= set(log.column_names)
+
+
+def test_labels_that_clean_alike_keep_their_own_folders(hosts: ImageHosts, tmp_path: Path) -> None:
+    """ "Mentha piperita" and "Mentha × piperita" are two classes: two folders, two logs, and
+    neither run deletes the other's files (they once shared one folder)."""
+    home = tmp_path / "home"
+    labels = ["Mentha piperita", "Mentha × piperita"]
+    assert label_dir("5352251") == "5352251" and len({label_dir(x) for x in labels}) == 2
+    for label in labels:
+        manifest = _manifest(tmp_path / f"{label_dir(label)}.parquet", hosts.base_urls["ok"], 4, label=label)
+        assert download_label(manifest, label, home, _config()).kept == 4
+    for label in labels:
+        assert len(list(home.glob(f"images/*/{label_dir(label)}/*.jpg"))) == 4
+        assert (home / "metadata" / "downloads" / f"{label_dir(label)}.parquet").is_file()
+
+
+def test_a_second_run_of_a_label_is_refused_while_one_runs(hosts: ImageHosts, tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    manifest = _manifest(tmp_path / "m.parquet", hosts.base_urls["ok"], 3)
+    with label_lock(home, "L1"), pytest.raises(LabelBusy, match="'L1' is being downloaded by another run"):
+        download_label(manifest, "L1", home, _config())
+    assert not (home / "images").exists()  # it touched nothing
+    assert download_label(manifest, "L1", home, _config()).kept == 3  # the lock went with the first run
+
+
+def test_a_file_cut_since_it_was_kept_is_fetched_again(hosts: ImageHosts, tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    manifest = _manifest(tmp_path / "m.parquet", hosts.base_urls["ok"], 5)
+    assert download_label(manifest, "L1", home, _config()).kept == 5
+    victim = sorted(home.glob("images/*/L1/*.jpg"))[0]
+    whole = victim.read_bytes()
+    victim.write_bytes(whole[:100])
+    result = download_label(manifest, "L1", home, _config())
+    assert (result.kept, result.fetched) == (5, 1)
+    assert victim.read_bytes() == whole
 
 
 def test_rate_limited_host_is_paced_not_hammered(hosts: ImageHosts, tmp_path: Path) -> None:

@@ -101,6 +101,31 @@ def test_files_match_reports_orphans_both_ways(merged: Path) -> None:
     ]
 
 
+def test_files_match_catches_a_file_cut_since(merged: Path) -> None:
+    row = pq.read_table(merged / "metadata" / "images.parquet").to_pylist()[0]
+    (merged / row["path"]).write_bytes(b"\xff\xd8\xff")
+    assert check_files_match(merged) == [
+        f"file size differs from its row: {row['path']} (3 bytes, row says {row['bytes']})"
+    ]
+
+
+def test_a_label_that_kept_nothing_misses_its_quota(merged: Path) -> None:
+    """Every link of a label dead: it has no image row, yet the quota check must name it."""
+    from gbif_assets.recipe import parse_recipe
+    from gbif_assets.steps import check_quota
+
+    manifest = pq.read_table(merged / "metadata" / "manifest.parquet").to_pylist()
+    manifest.append({**manifest[0], "label": "9999", "url_sha1": "f" * 40, "identifier": "https://gone.example/x.jpg"})
+    pq.write_table(pa.Table.from_pylist(manifest), merged / "metadata" / "manifest.parquet")
+    recipe = parse_recipe(
+        {"name": "demo", "source": {"mode": "search", "query": {"speciesKey": [1]}}, "download": {"min_per_label": 1}},
+        "test",
+    )
+    problems, rows = check_quota(recipe, merged)
+    assert problems == ["label 9999: 0 images < 1"]
+    assert {"label": "9999", "images": 0, "min_per_label": 1} in rows
+
+
 def test_files_match_without_table(tmp_path: Path) -> None:
     assert check_files_match(tmp_path) == [f"{tmp_path / 'metadata' / 'images.parquet'} does not exist"]
 
