@@ -7,6 +7,7 @@ request, wait for GBIF, run the unpartitioned upstream, one run per label, then 
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import time
@@ -84,7 +85,12 @@ def _instance(settings: Settings) -> dg.DagsterInstance:
         return dg.DagsterInstance.get()
     root = settings.home / ".dagster"
     root.mkdir(parents=True, exist_ok=True)
-    return dg.DagsterInstance.local_temp(tempdir=str(root), overrides={"telemetry": {"enabled": False}})
+    # no compute-log capture: the command line shows progress itself, and the capture's watcher
+    # processes would each print a traceback on Ctrl-C
+    no_capture = {"module": "dagster._core.storage.noop_compute_log_manager", "class": "NoOpComputeLogManager"}
+    return dg.DagsterInstance.local_temp(
+        tempdir=str(root), overrides={"telemetry": {"enabled": False}, "compute_logs": no_capture}
+    )
 
 
 def _resolve_selection(select: str | None, defs: dg.Definitions, recipe: Recipe) -> set[dg.AssetKey]:
@@ -216,6 +222,17 @@ def run_build(recipe: Recipe, options: BuildOptions) -> int:
     """Build what was selected; 0 when every asset and blocking check passed."""
     console = Console(stderr=False)
     runner = _Runner(recipe, options, console)
+    runner.home.mkdir(parents=True, exist_ok=True)
+    with (runner.home / ".build.lock").open("a") as lock:
+        try:  # two builds of one dataset would fight over its warehouse and files
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            console.print(f"[red]error:[/red] another build of {recipe.name} is running in {runner.home}; wait for it")
+            return 2
+        return _build(runner, recipe, options, console)
+
+
+def _build(runner: _Runner, recipe: Recipe, options: BuildOptions, console: Console) -> int:
     name = recipe.name
     try:
         selected = _resolve_selection(options.select, runner.defs, recipe)

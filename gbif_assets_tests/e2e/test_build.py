@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import duckdb
@@ -187,3 +190,45 @@ def test_filters_that_remove_everything_end_clearly(gbif_env: Path, capsys: pyte
     assert set(pq.read_schema(home / "metadata" / "images.parquet").names) >= CONTRACT_COLUMNS
     for name in ("attribution.csv", "CITATION.cff", "link_rot.md", "licenses.md"):
         assert (home / "reports" / name).is_file(), name
+
+
+def test_ctrl_c_stops_the_build_not_just_one_label(gbif_env: Path) -> None:
+    """Ctrl-C (SIGINT to the process group) ends the whole build within seconds, exit 130, with
+    no fetch process left and no traceback; the next label does not start."""
+    path = copy_recipe("invasive_plants", gbif_env / "datasets")
+    log = gbif_env / "build.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gbif_assets.cli", "build", str(path)],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and "> images [" not in log.read_text():
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)
+        sent = time.monotonic()
+        assert proc.wait(timeout=30) == 130
+    assert time.monotonic() - sent < 10
+    text = log.read_text()
+    assert text.count("> images [") == 1 and "interrupted; re-run the same command to resume" in text
+    assert "Traceback" not in text
+    leftover = [p for p in Path("/proc").glob("[0-9]*") if f"--parent {proc.pid}" in _cmdline(p)]
+    assert leftover == []
+
+
+def test_a_second_build_of_the_same_dataset_is_refused(gbif_env: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = load_recipe(copy_recipe("invasive_plants", gbif_env / "datasets"))
+    home = gbif_env / "data" / recipe.name
+    home.mkdir(parents=True)
+    with (home / ".build.lock").open("a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert run_build(recipe, BuildOptions()) == 2
+    assert "another build of invasive_plants is running" in " ".join(capsys.readouterr().out.split())
+    assert not (home / "warehouse.duckdb").exists()
+
+
+def _cmdline(proc: Path) -> str:
+    try:
+        return (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
