@@ -84,6 +84,8 @@ class Source(_Model):
             for item in items:
                 if isinstance(item, bool) or not isinstance(item, str | int):
                     raise ValueError(f"{field}: values must be strings or integers, got {item!r}")
+                if isinstance(item, str) and not item.strip():
+                    raise ValueError(f"{field}: an empty value matches nothing; remove it or give a value")
             out[field] = items
         return out
 
@@ -119,6 +121,10 @@ class Source(_Model):
                 raise ValueError("mode 'search' takes source.query, not source.predicate")
         if self.mode == "download" and bool(self.query) == bool(self.predicate):
             raise ValueError("mode 'download' needs exactly one of source.query or source.predicate")
+        if self.predicate is not None:
+            from gbif_assets.gbif.predicate import validate_predicate
+
+            validate_predicate(self.predicate)
         return self
 
 
@@ -348,14 +354,6 @@ class Recipe(_Model):
     def _cron(cls, value: str | None) -> str | None:
         return None if value is None else validate_cron(value)
 
-    @model_validator(mode="after")
-    def _predicate(self) -> Recipe:
-        if self.source.predicate is not None:
-            from gbif_assets.gbif.predicate import validate_predicate
-
-            validate_predicate(self.source.predicate)
-        return self
-
     def predicate(self) -> dict[str, Any]:
         """The GBIF download predicate this recipe asks for (StillImage media only)."""
         from gbif_assets.gbif.predicate import query_to_predicate
@@ -393,8 +391,6 @@ def parse_recipe(data: Any, origin: str) -> Recipe:
                 msg = "required field is missing"
             lines.append(f"  {_format_loc(err['loc'])}: {msg}")
         raise RecipeError(f"{origin}: invalid recipe\n" + "\n".join(lines)) from None
-    except ValueError as exc:  # predicate validation raised outside pydantic's wrapping
-        raise RecipeError(f"{origin}: invalid recipe\n  source.predicate: {exc}") from None
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

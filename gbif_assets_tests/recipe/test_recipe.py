@@ -171,6 +171,13 @@ BAD = [
         "source.query",
         "did you mean 'speciesKey'",
     ),
+    ("empty query value", _edit(["source", "query"], {"speciesKey": [""]}), "source.query", "empty value"),
+    (
+        "bad predicate key",
+        lambda d: _edit(["source"], {"mode": "download", "predicate": {"type": "equals", "key": 12, "value": "1"}})(d),
+        "source",
+        "predicate.key",
+    ),
     ("nb_samples bool", _edit(["balance", "nb_samples"], True), "balance.nb_samples", "integer"),
     ("seed bool", _edit(["balance", "seed"], False), "balance.seed", "integer"),
     ("empty formats", _edit(["filters", "formats"], []), "filters.formats", "at least one format"),
