@@ -78,7 +78,7 @@ class LabelBusy(RuntimeError):
 class _AttemptLog:
     """metadata/downloads/<label>.parquet, written as the fetch goes: every few seconds the new
     rows go to a chunk file beside it, and the chunks are folded into the log at the end or, after
-    a kill, at the start of the next run, so no attempt is lost to a kill."""
+    a kill, at the start of the next run: a kill loses at most the last few seconds' attempts."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -91,6 +91,8 @@ class _AttemptLog:
     def fold(self, more: Sequence[dict[str, Any]] = ()) -> None:
         """Log + every chunk + `more` -> the log, atomically; then the chunks go."""
         chunks = self._chunks()
+        if not chunks and not more and self.path.exists():
+            return
         rows = _read_rows(self.path)
         for chunk in chunks:
             rows += pq.read_table(chunk).to_pylist()
