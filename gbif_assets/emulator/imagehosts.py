@@ -3,7 +3,8 @@
 Each host has one fault profile taken from what publishers really do to image downloaders:
 slow answers, dead links (404/403/401), 429 with Retry-After, flaky 5xx, connection resets,
 truncated bodies, HTML served as image/jpeg, huge files, decompression bombs, redirect chains,
-images gzip-compressed for any client that says it accepts gzip, and traps: an answer that is
+images gzip-compressed for any client that says it accepts gzip or for every client (gzip,
+deflate, raw deflate, brotli, a gzip bomb, a cut gzip stream), and traps: an answer that is
 not HTTP, a redirect to a URL that does not parse, a body dripped a byte at a time.
 Every host counts its open connections so tests can assert the per-host politeness limit.
 """
@@ -19,6 +20,7 @@ import random
 import socket
 import struct
 import time
+import zlib
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from typing import Any
@@ -47,6 +49,7 @@ FAULTS = (
     "garbage",
     "redirect_invalid",
     "drip",
+    "compressed",
 )
 
 
@@ -270,6 +273,10 @@ class _Host:
             self._count(200)
             return response
         self._count(200)
+        if fault == "compressed":  # compressed whatever the client asked (an S3 object stored gzipped)
+            encoding = params.get("encoding", "gzip").replace("deflate-raw", "deflate")
+            headers = {"Content-Type": "image/jpeg", "Content-Encoding": encoding}
+            return web.Response(body=_compressed(body, params), headers=headers)
         if fault == "gzip" and "gzip" in request.headers.get("Accept-Encoding", ""):
             # a server that compresses every type it may (images included) when the client says it can decode
             return web.Response(
@@ -293,6 +300,29 @@ class _Host:
             pass  # the client cut the body at its max_bytes, as it should
         self._count(200)
         return response
+
+
+@functools.lru_cache(maxsize=64)
+def _bomb(mb: int) -> bytes:
+    """A JPEG start and `mb` MB of zeros, gzipped: a few tens of KB that inflate past any max_bytes."""
+    return gzip.compress(b"\xff\xd8\xff\xe0" + bytes(mb << 20), compresslevel=9)
+
+
+def _compressed(body: bytes, params: dict[str, Any]) -> bytes:
+    """`body` in the host's Content-Encoding: gzip, deflate (zlib-wrapped), deflate-raw (what some
+    servers send as deflate), br (not decodable by design here), or a gzip bomb."""
+    encoding = params.get("encoding", "gzip")
+    if "bomb_mb" in params:
+        return _bomb(int(params["bomb_mb"]))
+    if encoding == "deflate":
+        return zlib.compress(body)
+    if encoding == "deflate-raw":
+        packer = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+        return packer.compress(body) + packer.flush()
+    if encoding == "gzip":
+        data = gzip.compress(body)
+        return data[: len(data) // 2] if params.get("cut") else data
+    return body  # any other name: sent as is, with that Content-Encoding
 
 
 def _reset(request: web.BaseRequest) -> None:

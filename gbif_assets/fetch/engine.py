@@ -24,6 +24,7 @@ import math
 import os
 import random
 import time
+import zlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,6 +178,12 @@ class _Breaker:
         self.count: dict[str, int] = collections.defaultdict(int)
         self.open_until: dict[str, float] = {}
         self.why: dict[str, str] = {}  # host -> why it is closed, for the attempt log
+        self.held: set[str] = set()  # hosts closed because they asked to be left alone, not because they failed
+
+    def error(self, host: str) -> str:
+        """What a candidate skipped at a closed host failed with: `host_paused` when the host asked
+        for the pause (its links were not judged), `circuit_open` when it stopped answering."""
+        return "host_paused" if host in self.held else "circuit_open"
 
     def is_open(self, host: str) -> bool:
         until = self.open_until.get(host)
@@ -184,6 +191,7 @@ class _Breaker:
             return False
         if time.monotonic() >= until:  # half-open: let one request probe the host
             del self.open_until[host]
+            self.held.discard(host)
             self.count[host] = self.failures - 1
             return False
         return True
@@ -192,6 +200,7 @@ class _Breaker:
         """Keep the host closed for `seconds` (it asked for a long pause, or refuses everything)."""
         self.open_until[host] = max(self.open_until.get(host, 0.0), time.monotonic() + seconds)
         self.why[host] = why
+        self.held.add(host)
 
     def record(self, host: str, error: str | None, proven: bool = True) -> None:
         if error in BREAKER_ERRORS:
@@ -199,6 +208,7 @@ class _Breaker:
             if self.count[host] >= (self.failures if proven else min(self.failures, UNPROVEN_BREAKER_FAILURES)):
                 self.open_until[host] = time.monotonic() + self.open_s
                 self.why[host] = f"{self.count[host]} connection failures in a row; skipped for {self.open_s:.0f} s"
+                self.held.discard(host)
         elif error is None or not error.startswith("http_5"):
             self.count[host] = 0
 
@@ -354,6 +364,50 @@ def _refuse_unless_image(lead: bytes, response: aiohttp.ClientResponse) -> None:
         kind = "html" if lead.lstrip()[:1] == b"<" else "unknown"
         content_type = response.headers.get("Content-Type")
         raise _Failure("not_image", response.status, f"body is {kind}, not an image (Content-Type {content_type})")
+
+
+class _Inflater:
+    """A body the server compressed although we asked for `identity` (an S3 object stored with
+    Content-Encoding: gzip, say): inflated in pieces of at most 64 KB, so a compression bomb meets
+    `max_bytes` one piece at a time and never fills memory."""
+
+    PIECE = 1 << 16
+
+    def __init__(self, encoding: str) -> None:
+        self.encoding = encoding
+        self._inflate: Any = None
+
+    @classmethod
+    def of(cls, response: aiohttp.ClientResponse) -> _Inflater | None:
+        """None for a plain body; a failure for an encoding no image host should use."""
+        encoding = response.headers.get("Content-Encoding", "").strip().lower()
+        if encoding in ("", "identity"):
+            return None
+        if encoding in ("gzip", "x-gzip", "deflate"):
+            return cls(encoding)
+        raise _Failure("not_image", response.status, f"body sent with Content-Encoding {encoding[:40]}, not an image")
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        if self._inflate is None:
+            if self.encoding == "deflate":  # meant to be zlib-wrapped; some servers send it raw
+                wrapped = len(chunk) > 1 and chunk[0] & 0x0F == 8 and (chunk[0] << 8 | chunk[1]) % 31 == 0
+                self._inflate = zlib.decompressobj(zlib.MAX_WBITS if wrapped else -zlib.MAX_WBITS)
+            else:
+                self._inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        pieces = []
+        try:
+            while True:  # a piece cut at PIECE may have more behind it, even with no input left
+                pieces.append(piece := self._inflate.decompress(chunk, self.PIECE))
+                chunk = self._inflate.unconsumed_tail
+                if not chunk and len(piece) < self.PIECE:
+                    break
+        except zlib.error as exc:
+            raise _Failure("not_image", detail=f"broken {self.encoding} body ({exc})") from None
+        return pieces
+
+    def finished(self) -> bool:
+        """The compressed stream reached its end: every byte of the image has been handed out."""
+        return self._inflate is not None and self._inflate.eof
 
 
 def host_of(url: str) -> str:
@@ -733,9 +787,10 @@ class FetchEngine:
         failures = throttled = 0
         for attempt in itertools.count(1):
             if self._breaker.is_open(host):
-                self._log(cand, url, host, None, None, "circuit_open", 0, time.monotonic(), attempt, source,
+                closed = self._breaker.error(host)
+                self._log(cand, url, host, None, None, closed, 0, time.monotonic(), attempt, source,
                           self._breaker.why.get(host))  # fmt: skip
-                return Outcome(cand, False, error=last.error if last else "circuit_open", source=source)
+                return Outcome(cand, False, error=last.error if last else closed, source=source)
             started = time.monotonic()
             try:
                 path, verified, final_url, status = await self._attempt(session, cand, url)
@@ -820,7 +875,7 @@ class FetchEngine:
             try:
                 async with self._global:
                     if self._breaker.is_open(host):  # opened while this request waited for a slot
-                        raise _Failure("circuit_open", detail=self._breaker.why.get(host))
+                        raise _Failure(self._breaker.error(host), detail=self._breaker.why.get(host))
                     async with session.get(target, allow_redirects=False) as response:
                         refused = response.status == 429 or response.status >= 500
                         retry_after = (
@@ -911,17 +966,21 @@ class FetchEngine:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
             try:
                 lead = b""  # the first SNIFF_BYTES, however thinly the body arrives
-                async for chunk in response.content.iter_chunked(1 << 16):
-                    if len(lead) < SNIFF_BYTES:
-                        lead += chunk[: SNIFF_BYTES - len(lead)]
-                        if len(lead) == SNIFF_BYTES:
-                            _refuse_unless_image(lead, response)
-                    streamed.update(chunk)
-                    if streamed.size > self.config.max_bytes:
-                        raise _Failure("too_large", status, f"body passed max_bytes {self.config.max_bytes}")
-                    view = memoryview(chunk)
-                    while view:  # a regular file takes it in one write; the loop is for the rare short one
-                        view = view[os.write(fd, view) :]
+                inflater = _Inflater.of(response)
+                async for received in response.content.iter_chunked(1 << 16):
+                    for chunk in (received,) if inflater is None else inflater.feed(received):
+                        if len(lead) < SNIFF_BYTES:
+                            lead += chunk[: SNIFF_BYTES - len(lead)]
+                            if len(lead) == SNIFF_BYTES:
+                                _refuse_unless_image(lead, response)
+                        streamed.update(chunk)
+                        if streamed.size > self.config.max_bytes:
+                            raise _Failure("too_large", status, f"body passed max_bytes {self.config.max_bytes}")
+                        view = memoryview(chunk)
+                        while view:  # a regular file takes it in one write; the loop is for the rare short one
+                            view = view[os.write(fd, view) :]
+                if inflater is not None and not inflater.finished():
+                    raise _Failure("not_image", status, f"{inflater.encoding} body ends before its end")
             finally:
                 os.close(fd)
             if streamed.size == 0:

@@ -277,7 +277,7 @@ def _download_label(
                     outcome.fetched_at,
                 )
             )
-    gone, surplus = _reconcile(home, folder, rows, kept, previous, vanished)
+    gone, surplus = _reconcile(home, folder, rows, kept, previous, vanished, manifest_parquet)
     log.fold(engine.attempts[log.written :])
     _write_parquet(pa.Table.from_pylist(kept, schema=KEPT_SCHEMA), kept_path)
     targets = {s: int(r["stream_target"]) for r in rows for s in [r["stream"]]}
@@ -318,11 +318,15 @@ def _reconcile(
     kept: list[dict[str, Any]],
     previous: dict[str, dict[str, Any]],
     vanished: str,
+    manifest_parquet: Path,
 ) -> tuple[int, int]:
-    """Files on disk that are not kept: vanished media (policy) or surplus (removed)."""
+    """Files on disk that are not kept: vanished media (policy), surplus (removed), or media that
+    moved to another label (re-identified on GBIF: removed here, fetched under its new label).
+    Label folders left empty are removed: ImageFolder loaders refuse an empty class folder."""
     in_manifest = {r["url_sha1"] for r in rows}
     kept_paths = {r["path"] for r in kept}
     gone = surplus = 0
+    strays: list[tuple[Path, str]] = []
     for split in ("train", "val", "test"):
         for path in (home / "images" / split / folder).glob("*.*"):
             rel = path.relative_to(home).as_posix()
@@ -332,13 +336,36 @@ def _reconcile(
             if sha1 in in_manifest:
                 path.unlink()
                 surplus += 1
-                continue
-            gone += 1
-            if vanished == "keep" and sha1 in previous:
-                kept.append(previous[sha1])
             else:
-                path.unlink()
+                strays.append((path, sha1))
+    moved = _elsewhere_in_manifest(manifest_parquet, [sha1 for _, sha1 in strays]) if strays else set()
+    for path, sha1 in strays:
+        if sha1 in moved:
+            path.unlink()
+            surplus += 1
+            continue
+        gone += 1
+        if vanished == "keep" and sha1 in previous:
+            kept.append(previous[sha1])
+        else:
+            path.unlink()
+    for split in ("train", "val", "test"):
+        with contextlib.suppress(OSError):  # not there, or not empty
+            (home / "images" / split / folder).rmdir()
     return gone, surplus
+
+
+def _elsewhere_in_manifest(manifest: Path, sha1s: list[str]) -> set[str]:
+    """Which of these URLs the manifest still holds, under any label."""
+    con = duckdb.connect()
+    try:
+        con.register("wanted", pa.table({"url_sha1": pa.array(sha1s, pa.string())}))
+        rows = con.execute(
+            "SELECT DISTINCT m.url_sha1 FROM read_parquet(?) m JOIN wanted w USING (url_sha1)", [str(manifest)]
+        ).fetchall()
+    finally:
+        con.close()
+    return {r[0] for r in rows}
 
 
 def _kept_row(row: dict[str, Any], label: str, path: Path, home: Path, sha256: str | None, width: int, height: int,

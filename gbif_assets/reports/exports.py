@@ -52,6 +52,8 @@ def hf_metadata(home: Path) -> tuple[list[Path], Path, int]:
     for split in sorted({r["split"] for r in rows}):
         part = [dict(r, file_name=r["file_name"].split("/", 1)[1]) for r in rows if r["split"] == split]
         written.append(write_csv(home / "images" / split / "metadata.csv", part, HF_COLUMNS))
+    for split in set(SPLITS) - {r["split"] for r in rows}:  # emptied by a refresh: no stale listing
+        (home / "images" / split / "metadata.csv").unlink(missing_ok=True)
     table = write_csv(home / "reports" / "images.csv", rows, ["file_name", "split", *HF_COLUMNS[1:], "path"])
     return written, table, len(rows)
 

@@ -68,14 +68,16 @@ def link_rot_report(home: Path) -> LinkRotReport:
                        arg_max(coalesce(a.error, 'ok'), a.fetched_at)
                            FILTER (WHERE a.source = 'publisher') AS last_error,
                        arg_max(a.status, a.fetched_at)
-                           FILTER (WHERE a.source = 'publisher') AS last_status
+                           FILTER (WHERE a.source = 'publisher') AS last_status,
+                       -- a link whose every attempt met a host that asked to be left alone was never judged
+                       bool_or(a.error IS DISTINCT FROM 'host_paused') AS tried
                 FROM {attempts} a
                 LEFT JOIN read_parquet({manifest}) m ON m.identifier = a.url
                 GROUP BY a.url"""
         )
         con.execute(
             """CREATE TEMP VIEW judged AS SELECT *, CASE WHEN publisher_ok THEN 'valid'
-                   WHEN cache_ok THEN 'rescued' ELSE 'invalid' END AS verdict FROM links"""
+                   WHEN cache_ok THEN 'rescued' ELSE 'invalid' END AS verdict FROM links WHERE tried"""
         )
 
         def grouped(keys: str) -> list[dict[str, Any]]:
@@ -98,6 +100,7 @@ def link_rot_report(home: Path) -> LinkRotReport:
                       count(*) AS links
                FROM judged WHERE verdict <> 'valid' GROUP BY ALL ORDER BY links DESC""",
         )
+        untried = con.execute("SELECT count(*) FROM links WHERE NOT tried").fetchone()[0]
         totals = con.execute(
             """SELECT count(*), count(*) FILTER (WHERE verdict = 'valid'),
                       count(*) FILTER (WHERE verdict = 'rescued'),
@@ -115,7 +118,9 @@ def link_rot_report(home: Path) -> LinkRotReport:
     md = (
         f"# Link rot\n\n{tried} links tried: {valid} valid, "
         f"{tried - valid} invalid at the publisher ({percent}%), "
-        f"of which {rescued} rescued by GBIF's image cache.\n\n"
+        f"of which {rescued} rescued by GBIF's image cache."
+        + (f" {untried} more link(s) not asked for: their host wanted a longer pause than a run waits." * bool(untried))
+        + "\n\n"
         "## Per label (Pitblado & Cronk, Table 1)\n\n"
         + md_table(per_label)
         + "\n## Per host\n\n" + md_table(per_host)

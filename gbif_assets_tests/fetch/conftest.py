@@ -37,6 +37,12 @@ PROFILES = [
     HostProfile("trickle", "127.0.0.29", "drip", {"interval_s": 0.05, "lead": 5}),  # 5 single bytes, then the rest
     HostProfile("refuse_all", "127.0.0.30", "rate429", {"every": 1_000_000, "retry_after": "0"}),
     HostProfile("fail_all", "127.0.0.31", "flaky5xx", {"every": 1_000_000, "status": 503}),
+    HostProfile("gzipped", "127.0.0.32", "compressed", {"encoding": "gzip"}),
+    HostProfile("deflated", "127.0.0.33", "compressed", {"encoding": "deflate"}),
+    HostProfile("deflated_raw", "127.0.0.34", "compressed", {"encoding": "deflate-raw"}),
+    HostProfile("brotli", "127.0.0.35", "compressed", {"encoding": "br"}),
+    HostProfile("gzip_bomb", "127.0.0.36", "compressed", {"bomb_mb": 200}),
+    HostProfile("gzip_cut", "127.0.0.37", "compressed", {"encoding": "gzip", "cut": True}),
 ]
 
 

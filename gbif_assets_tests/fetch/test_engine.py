@@ -274,6 +274,42 @@ def test_labels_that_clean_alike_keep_their_own_folders(hosts: ImageHosts, tmp_p
         assert (home / "metadata" / "downloads" / f"{label_dir(label)}.parquet").is_file()
 
 
+def _labelled_manifest(path: Path, labels: dict[str, str]) -> Path:
+    """A manifest of these URLs in these labels, one stream per label, all in train."""
+    n = len(labels)
+    pq.write_table(
+        pa.table({
+            "label": list(labels.values()), "identifier": list(labels),
+            "url_sha1": [hashlib.sha1(u.encode()).hexdigest() for u in labels],
+            "gbifID": [str(1000 + i) for i in range(n)], "stream": list(labels.values()),
+            "rank": list(range(1, n + 1)), "selected": [True] * n, "split": ["train"] * n,
+            "stream_target": [list(labels.values()).count(v) for v in labels.values()],
+        }),
+        path,
+    )  # fmt: skip
+    return path
+
+
+def test_media_re_identified_on_gbif_move_to_their_new_label(hosts: ImageHosts, tmp_path: Path) -> None:
+    """An occurrence GBIF now files under another species has not left GBIF: with
+    refresh_vanished=keep its image still leaves the old label (it is fetched under the new one),
+    and a label folder left empty is removed (ImageFolder refuses empty class folders)."""
+    home, ok, dead = tmp_path / "home", hosts.base_urls["ok"], hosts.base_urls["dead404"]
+    a, b, c = (f"{ok}/moves/{i}.jpg" for i in range(3))
+    first = _labelled_manifest(tmp_path / "m1.parquet", {a: "L1", b: "L1", c: "L3"})
+    assert download_label(first, "L1", home, _config()).kept == 2
+    assert download_label(first, "L3", home, _config()).kept == 1
+    # b moves to L2 and c to L1; L3 keeps only a dead link
+    moved = _labelled_manifest(tmp_path / "m2.parquet", {a: "L1", c: "L1", b: "L2", f"{dead}/x.jpg": "L3"})
+    result = download_label(moved, "L1", home, _config(), vanished="keep")
+    assert (result.kept, result.vanished) == (2, 0)
+    on_disk = {p.name.split(".")[0] for p in home.glob("images/train/L1/*.jpg")}
+    assert on_disk == {hashlib.sha1(u.encode()).hexdigest() for u in (a, c)}
+    assert download_label(moved, "L2", home, _config()).kept == 1
+    assert download_label(moved, "L3", home, _config(retries=0), vanished="keep").kept == 0
+    assert not (home / "images" / "train" / "L3").exists()  # c moved away, the dead link left nothing
+
+
 def test_a_second_run_of_a_label_is_refused_while_one_runs(hosts: ImageHosts, tmp_path: Path) -> None:
     home = tmp_path / "home"
     manifest = _manifest(tmp_path / "m.parquet", hosts.base_urls["ok"], 3)
@@ -338,6 +374,44 @@ def test_paced_host_keeps_its_pace_while_every_worker_is_busy(hosts: ImageHosts,
     assert engine.host_report()["127.0.0.25"]["cuts"] >= 1  # it was paced
 
 
+@pytest.mark.parametrize("host", ["gzipped", "deflated", "deflated_raw"])
+def test_a_body_compressed_unasked_is_inflated_and_kept(hosts: ImageHosts, tmp_path: Path, host: str) -> None:
+    """A server that compresses although asked for identity (an S3 object stored with
+    Content-Encoding: gzip): the image is inflated, checked and stored as the image itself."""
+    cands = [_cand(f"{hosts.base_urls[host]}/photos/{i}.jpg", tmp_path, rank=i) for i in range(3)]
+    engine = _run(_config(), {"s": (cands, 3)})
+    assert [o.error for o in engine.outcomes] == [None] * 3
+    for outcome in engine.outcomes:
+        assert outcome.path is not None and outcome.path.read_bytes() == image_bytes(outcome.candidate.url)
+        assert (
+            outcome.verified is not None
+            and outcome.verified.sha256 == hashlib.sha256(image_bytes(outcome.candidate.url)).hexdigest()
+        )
+
+
+@pytest.mark.parametrize(
+    ("host", "error", "detail"),
+    [
+        ("brotli", "not_image", "Content-Encoding br"),
+        ("gzip_bomb", "too_large", "max_bytes"),
+        ("gzip_cut", "not_image", "gzip body ends before its end"),
+    ],
+)
+def test_a_compressed_body_that_cannot_be_an_image(
+    hosts: ImageHosts, tmp_path: Path, host: str, error: str, detail: str
+) -> None:
+    """An encoding we cannot read, a bomb (200 MB of zeros in a few hundred KB: inflated a piece
+    at a time, cut at max_bytes) and a cut stream each fail their candidate, leaving no file."""
+    started = time.monotonic()
+    engine = _run(
+        _config(retries=0, max_bytes=5_000_000), {"s": ([_cand(f"{hosts.base_urls[host]}/x.jpg", tmp_path)], 1)}
+    )
+    assert time.monotonic() - started < 10
+    assert engine.outcomes[0].error == error
+    assert detail in (engine.attempts[-1]["detail"] or "")
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+
+
 def test_images_come_uncompressed_from_a_host_that_gzips_when_asked(hosts: ImageHosts, tmp_path: Path) -> None:
     """aiohttp offers gzip by default; a server that then compresses its JPEGs would have them
     refused as not images (the stored file is the body as sent). The engine asks for identity."""
@@ -371,8 +445,8 @@ def test_a_host_asking_for_an_hour_is_left_alone_and_reserves_fill_its_quota(hos
     assert sum(o.ok for o in engine.outcomes) == 10
     assert stats.requests - before <= 2  # slow start: two requests, then the host is left alone
     refused = [a for a in engine.attempts if "/hour/" in a["url"] and "127.0.0.24" in a["url"]]
-    assert {a["error"] for a in refused} <= {"http_429", "circuit_open"}
-    assert any("3600 s pause" in (a["detail"] or "") for a in refused if a["error"] == "circuit_open")
+    assert {a["error"] for a in refused} <= {"http_429", "host_paused"}  # paused at its request, not dead
+    assert any("3600 s pause" in (a["detail"] or "") for a in refused if a["error"] == "host_paused")
 
 
 @pytest.mark.parametrize(("host", "error"), [("refuse_all", "http_429"), ("fail_all", "http_5xx")])
@@ -386,7 +460,7 @@ def test_a_host_refusing_everything_is_not_hammered(hosts: ImageHosts, tmp_path:
     engine = _run(_config(per_host=4, backoff_base_s=0.2), {"s": (refused + reserves, 50)})
     assert sum(o.ok for o in engine.outcomes) == 50
     assert hosts.stats[host].requests - base <= 3 * 4 + 4  # the last round's requests were in flight
-    closed = [a for a in engine.attempts if a["error"] == "circuit_open"]
+    closed = [a for a in engine.attempts if a["error"] == "host_paused"]
     assert closed and f"in a row refused ({error})" in closed[0]["detail"]
 
 

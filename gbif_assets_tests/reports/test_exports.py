@@ -110,3 +110,16 @@ def test_unknown_split_is_refused(merged: Path) -> None:
     with pytest.raises(ValueError, match="split 'holdout'; exports know only train, val, test"):
         export_all(merged, "plants", "d", "c")
     assert not (merged / "croissant.json").exists()
+
+
+def test_a_split_emptied_by_a_refresh_loses_its_metadata_csv(merged: Path, exported) -> None:
+    """A stale images/val/metadata.csv would list deleted files, and `imagefolder` would fail on them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    assert (merged / "images" / "val" / "metadata.csv").exists()
+    table = merged / "metadata" / "images.parquet"
+    pq.write_table(pa.Table.from_pylist([r for r in pq.read_table(table).to_pylist() if r["split"] != "val"]), table)
+    export_all(merged, "plants", "d", "c")
+    assert not (merged / "images" / "val" / "metadata.csv").exists()
+    assert (merged / "images" / "train" / "metadata.csv").exists()

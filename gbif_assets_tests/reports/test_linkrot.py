@@ -63,3 +63,22 @@ def test_no_attempt_logs_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no attempt logs: materialize `images` first"):
         link_rot_report(tmp_path)
     assert not (tmp_path / "reports").exists()
+
+
+def test_links_at_a_host_that_asked_for_a_pause_are_not_judged(home: Path) -> None:
+    """A host that said "Retry-After: one day" had its other links skipped (`host_paused`): they
+    were never requested, so they are neither valid nor dead; a dead host's skipped links
+    (`circuit_open`) still count as dead."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    log = home / "metadata" / "downloads" / "1001.parquet"
+    rows = pq.read_table(log).to_pylist()
+    extra = [
+        {**rows[0], "url": f"https://img.a.example/paused/{i}.jpg", "error": "host_paused", "ms": 0}
+        for i in range(4)
+    ]
+    pq.write_table(pa.Table.from_pylist(rows + extra), log)
+    report = link_rot_report(home)
+    assert (report.links_tried, report.invalid) == (12, 2)
+    assert "4 more link(s) not asked for: their host wanted a longer pause than a run waits." in report.report_md
