@@ -298,7 +298,7 @@ def load_occurrences(recipe: Recipe, settings: Settings, home: Path) -> Occurren
 
 def build_media_manifest(recipe: Recipe, home: Path):
     """Filters, balance and split in DuckDB; exports the Parquet the image partitions read."""
-    from gbif_assets.manifest import build_manifest, class_distribution_plot
+    from gbif_assets.manifest import build_manifest, class_distribution_plot, write_excluded
 
     con = open_warehouse(home)
     try:
@@ -306,6 +306,10 @@ def build_media_manifest(recipe: Recipe, home: Path):
         if "occurrences" not in tables:
             raise StepError("table `occurrences` is missing: materialize `occurrences` first")
         result = build_manifest(con, recipe, home / "metadata" / "manifest.parquet")
+        if excluded := write_excluded(con, home):
+            result.notes.append(
+                f"{excluded} image(s) on disk now refused by the recipe's filters: the next images run removes them"
+            )
     finally:
         con.close()
     if result.per_label:

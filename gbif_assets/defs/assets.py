@@ -126,9 +126,12 @@ def build_dataset_assets(recipe: Recipe) -> list[dg.AssetsDefinition]:
         vanished = sorted(set(existing) - set(result.labels))
         if added:
             context.instance.add_dynamic_partitions(partitions.name, added)
+        for label in vanished:  # a backfill of every partition must not meet labels that have no candidates
+            context.instance.delete_dynamic_partition(partitions.name, label)
         if vanished:
             context.log.warning(
-                f"{len(vanished)} label(s) no longer in the manifest (partitions kept): " + ", ".join(vanished[:20])
+                f"{len(vanished)} label(s) no longer in the manifest, their partitions removed (image_metadata "
+                "drops their images): " + ", ".join(vanished[:20])
             )
         context.log.info(f"manifest: {result.rows:,} candidates, {len(result.labels)} labels, {len(added)} new")
         metadata = to_metadata(result, home)
@@ -173,7 +176,8 @@ def build_dataset_assets(recipe: Recipe) -> list[dg.AssetsDefinition]:
         key_prefix=prefix,
         group_name=group,
         kinds={"parquet", "duckdb"},
-        deps=[images],
+        # the manifest too: a run that holds both never merges before the manifest is written
+        deps=[images, media_manifest],
         automation_condition=dg.AutomationCondition.eager(),
         description="All partitions merged: one row per kept image, content-hash de-duplicated.",
     )

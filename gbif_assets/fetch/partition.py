@@ -320,8 +320,9 @@ def _reconcile(
     vanished: str,
     manifest_parquet: Path,
 ) -> tuple[int, int]:
-    """Files on disk that are not kept: vanished media (policy), surplus (removed), or media that
-    moved to another label (re-identified on GBIF: removed here, fetched under its new label).
+    """Files on disk that are not kept: vanished media (policy), surplus (removed), media that
+    moved to another label (re-identified on GBIF: removed here, fetched under its new label), or
+    media the recipe's filters now refuse (metadata/excluded.parquet: removed, whatever the policy).
     Label folders left empty are removed: ImageFolder loaders refuse an empty class folder."""
     in_manifest = {r["url_sha1"] for r in rows}
     kept_paths = {r["path"] for r in kept}
@@ -339,8 +340,12 @@ def _reconcile(
             else:
                 strays.append((path, sha1))
     moved = _elsewhere_in_manifest(manifest_parquet, [sha1 for _, sha1 in strays]) if strays else set()
+    excluded_file = home / "metadata" / "excluded.parquet"
+    excluded = (
+        set(pq.read_table(excluded_file).column("url_sha1").to_pylist()) if strays and excluded_file.exists() else set()
+    )
     for path, sha1 in strays:
-        if sha1 in moved:
+        if sha1 in moved or sha1 in excluded:  # not vanished: GBIF has it, under another label or refused by the recipe
             path.unlink()
             surplus += 1
             continue

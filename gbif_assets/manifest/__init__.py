@@ -7,6 +7,7 @@ from gbif_assets.manifest.build import (
     class_distribution_plot,
     point_manifest_view,
     stream_targets,
+    write_excluded,
 )
 from gbif_assets.manifest.licenses import license_url, normalize_license
 
@@ -19,4 +20,5 @@ __all__ = [
     "normalize_license",
     "point_manifest_view",
     "stream_targets",
+    "write_excluded",
 ]

@@ -34,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
 from duckdb.sqltypes import VARCHAR
 
 from gbif_assets.ingest.schema import literal, quote
@@ -302,6 +304,31 @@ def _filters(recipe: Any) -> list[tuple[str, str]]:
         cond = " OR ".join(_host_match(h) for h in f.hosts.deny)
         filters.append(("host denied", f"NOT ({cond})"))
     return filters
+
+
+def write_excluded(con: duckdb.DuckDBPyConnection, home: Path, source: str = "occurrences") -> int:
+    """metadata/excluded.parquet: the images on disk whose media GBIF still has but the manifest no
+    longer takes (a licence or host the recipe now refuses). A refresh removes these whatever
+    `refresh_vanished` says: that policy is for media that left GBIF, not for the recipe's own
+    filters. Only files on disk are looked up, so a first build pays nothing."""
+    out = home / "metadata" / "excluded.parquet"
+    on_disk = {p.name.split(".", 1)[0] for p in (home / "images").glob("*/*/*.*") if not p.name.startswith(".")}
+    on_disk.discard("metadata")
+    con.register("on_disk", pa.table({"url_sha1": pa.array(sorted(on_disk), pa.string())}))
+    try:
+        tmp = out.with_name(out.name + ".tmp")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        con.execute(
+            f"""COPY (
+                SELECT DISTINCT d.url_sha1 FROM on_disk d
+                JOIN (SELECT sha1(identifier) AS url_sha1 FROM {quote(source)}) o USING (url_sha1)
+                ANTI JOIN media_manifest m USING (url_sha1)
+            ) TO {literal(tmp.resolve())} (FORMAT parquet)"""
+        )
+        os.replace(tmp, out)
+    finally:
+        con.unregister("on_disk")
+    return pq.ParquetFile(out).metadata.num_rows
 
 
 def register_idna_host(con: duckdb.DuckDBPyConnection) -> None:

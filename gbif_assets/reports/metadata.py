@@ -7,6 +7,7 @@ files removed, so every file has a row and no image sits in two splits.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,6 +97,32 @@ def merged_select(home: Path) -> str:
     """
 
 
+def drop_labels_not_in_manifest(home: Path) -> list[str]:
+    """A label the manifest no longer has (the recipe dropped its taxon, or the label field
+    changed) leaves the dataset: its images, its partition file and its attempt log go, so the
+    merged metadata, the files on disk and the reports agree on the classes."""
+    manifest = home / "metadata" / "manifest.parquet"
+    if not manifest.exists():
+        return []
+    labels = set(pq.read_table(manifest, columns=["label"]).column("label").to_pylist())
+    dropped = []
+    for part in sorted((home / "metadata" / "partitions").glob("*.parquet")):
+        rows = pq.read_table(part, columns=["label", "path"]).to_pylist()
+        if not rows or any(r["label"] in labels for r in rows):
+            continue
+        folders = set()
+        for row in rows:
+            (home / row["path"]).unlink(missing_ok=True)
+            folders.add((home / row["path"]).parent)
+        for folder in folders:
+            with contextlib.suppress(OSError):  # not empty: files the merge will report
+                folder.rmdir()
+        (home / "metadata" / "downloads" / part.name).unlink(missing_ok=True)
+        part.unlink()
+        dropped.append(str(rows[0]["label"]))
+    return dropped
+
+
 def _write(con: duckdb.DuckDBPyConnection, sql: str, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".parquet.tmp")
@@ -108,6 +135,7 @@ def merge_image_metadata(
 ) -> MetadataResult:
     """Write metadata/images.parquet (and table `images` when a warehouse is given)."""
     warehouse = con  # the caller's DuckDB; the merge itself runs in a private in-memory one
+    dropped = drop_labels_not_in_manifest(home)
     con = duckdb.connect()
     try:
         con.register(NO_PARTITIONS, KEPT_SCHEMA.empty_table())
@@ -143,6 +171,10 @@ def merge_image_metadata(
     if warehouse is not None:
         replace_table(warehouse, "images", f"SELECT * FROM read_parquet({literal(out)})")
     notes = [f"{len(dups)} exact duplicate file(s) removed (listed in metadata/duplicates.parquet)"] if dups else []
+    if dropped:
+        notes.append(
+            f"{len(dropped)} label(s) no longer in the manifest removed with their images: " + ", ".join(dropped[:20])
+        )
     if near:
         notes.append(f"{near} near-duplicate image(s) flagged in column near_duplicate_of (perceptual hash)")
     return MetadataResult(

@@ -67,3 +67,29 @@ def test_refresh_is_incremental_and_stable(gbif_env: Path, emulator, policy: str
     # besides new records, only slots that leaving records vacated are refilled, from the stream's
     # reserve in rank order (whether new URLs rank high enough to take them depends on their hash)
     assert len(fetched - new_urls) <= len(leaving)
+
+
+def test_a_recipe_narrowed_between_builds(gbif_env: Path) -> None:
+    """The user drops a taxon and a licence from the recipe and builds again (default `keep`): the
+    dropped class leaves (files, partition, metadata), refused licences leave, the blocking checks
+    pass, and a backfill of all partitions no longer meets the dropped label."""
+    import dagster as dg
+
+    path = copy_recipe("invasive_plants", gbif_env / "datasets", name="narrowed")
+    assert run_build(load_recipe(path), BuildOptions()) == 0
+    home = gbif_env / "data" / "narrowed"
+    first = pq.read_table(home / "metadata" / "images.parquet").to_pylist()
+    assert {r["label"] for r in first} == {"5352251", "3190653", "3189866"}
+    assert "CC-BY-NC-4.0" in {r["license"] for r in first}
+    text = path.read_text().replace("speciesKey: [5352251, 3190653, 3189866]", "speciesKey: [5352251, 3190653]")
+    path.write_text(text.replace("licenses: [CC0-1.0, CC-BY-4.0, CC-BY-NC-4.0, CC-BY-SA-4.0]",
+                                 "licenses: [CC0-1.0, CC-BY-4.0, CC-BY-SA-4.0]"))  # fmt: skip
+    assert run_build(load_recipe(path), BuildOptions()) == 0
+    second = pq.read_table(home / "metadata" / "images.parquet").to_pylist()
+    assert {r["label"] for r in second} == {"5352251", "3190653"}
+    assert "CC-BY-NC-4.0" not in {r["license"] for r in second}
+    assert not list(home.glob("images/*/3189866"))
+    on_disk = {p.relative_to(home).as_posix() for p in home.glob("images/*/*/*.*") if p.name != "metadata.csv"}
+    assert on_disk == {r["path"] for r in second}
+    instance = dg.DagsterInstance.local_temp(tempdir=str(gbif_env / "data" / ".dagster"))
+    assert set(instance.get_dynamic_partitions("narrowed_labels")) == {"5352251", "3190653"}

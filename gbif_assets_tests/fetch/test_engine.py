@@ -310,6 +310,24 @@ def test_media_re_identified_on_gbif_move_to_their_new_label(hosts: ImageHosts, 
     assert not (home / "images" / "train" / "L3").exists()  # c moved away, the dead link left nothing
 
 
+def test_media_the_recipe_now_refuses_leave_even_with_keep(hosts: ImageHosts, tmp_path: Path) -> None:
+    """`keep` is for media that left GBIF; an image whose licence the recipe now refuses is listed
+    in metadata/excluded.parquet by the manifest step, and the partition removes it."""
+    home, ok = tmp_path / "home", hosts.base_urls["ok"]
+    a, b = f"{ok}/refused/1.jpg", f"{ok}/refused/2.jpg"
+    assert (
+        download_label(_labelled_manifest(tmp_path / "m1.parquet", {a: "L1", b: "L1"}), "L1", home, _config()).kept == 2
+    )
+    pq.write_table(
+        pa.table({"url_sha1": [hashlib.sha1(b.encode()).hexdigest()]}), home / "metadata" / "excluded.parquet"
+    )
+    result = download_label(
+        _labelled_manifest(tmp_path / "m2.parquet", {a: "L1"}), "L1", home, _config(), vanished="keep"
+    )
+    assert (result.kept, result.vanished) == (1, 0)
+    assert [p.name.split(".")[0] for p in home.glob("images/*/L1/*")] == [hashlib.sha1(a.encode()).hexdigest()]
+
+
 def test_a_second_run_of_a_label_is_refused_while_one_runs(hosts: ImageHosts, tmp_path: Path) -> None:
     home = tmp_path / "home"
     manifest = _manifest(tmp_path / "m.parquet", hosts.base_urls["ok"], 3)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import duckdb
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from hypothesis import given, settings
@@ -307,6 +308,27 @@ def test_host_entries_addresses_and_wildcards(tmp_path: Path) -> None:
     ):
         build_manifest(con, _recipe(filters__hosts={"allow": allow}), tmp_path / "m.parquet")
         assert {r[0] for r in con.execute("SELECT identifier FROM media_manifest").fetchall()} == kept, allow
+
+
+def test_excluded_lists_images_on_disk_the_filters_now_refuse(tmp_path: Path) -> None:
+    """Only files on disk are looked up; a URL GBIF dropped (not in `occurrences`) is not excluded
+    (that is `refresh_vanished`'s business), one the filters refuse is."""
+    import hashlib
+
+    from gbif_assets.manifest import write_excluded
+
+    con = duckdb.connect()
+    urls = ["https://h1.org/a.jpg", "https://h2.org/b.jpg"]
+    _table(con, [{"gbifID": str(i), "species": "1", "dataset": DATASET_A, "urls": [u]} for i, u in enumerate(urls, 1)])
+    home = tmp_path / "home"
+    build_manifest(con, _recipe(filters__hosts={"deny": ["h2.org"]}), home / "metadata" / "manifest.parquet")
+    folder = home / "images" / "train" / "1"
+    folder.mkdir(parents=True)
+    for url in [*urls, "https://gone.org/c.jpg"]:
+        (folder / f"{hashlib.sha1(url.encode()).hexdigest()}.jpg").write_bytes(b"x")
+    assert write_excluded(con, home) == 1
+    excluded = pq.read_table(home / "metadata" / "excluded.parquet").column("url_sha1").to_pylist()
+    assert excluded == [hashlib.sha1(urls[1].encode()).hexdigest()]
 
 
 def test_split_hash_in_64_bit_arithmetic_equals_the_128_bit_modulo() -> None:

@@ -75,8 +75,7 @@ def test_links_at_a_host_that_asked_for_a_pause_are_not_judged(home: Path) -> No
     log = home / "metadata" / "downloads" / "1001.parquet"
     rows = pq.read_table(log).to_pylist()
     extra = [
-        {**rows[0], "url": f"https://img.a.example/paused/{i}.jpg", "error": "host_paused", "ms": 0}
-        for i in range(4)
+        {**rows[0], "url": f"https://img.a.example/paused/{i}.jpg", "error": "host_paused", "ms": 0} for i in range(4)
     ]
     pq.write_table(pa.Table.from_pylist(rows + extra), log)
     report = link_rot_report(home)

@@ -126,6 +126,22 @@ def test_a_label_that_kept_nothing_misses_its_quota(merged: Path) -> None:
     assert {"label": "9999", "images": 0, "min_per_label": 1} in rows
 
 
+def test_a_label_no_longer_in_the_manifest_leaves_the_dataset(home: Path) -> None:
+    """The recipe dropped a taxon: its images, partition file and attempt log go, and the merged
+    metadata has only the manifest's labels (files and metadata still match)."""
+    manifest = home / "metadata" / "manifest.parquet"
+    pq.write_table(
+        pa.Table.from_pylist([r for r in pq.read_table(manifest).to_pylist() if r["label"] != "2002"]), manifest
+    )
+    result = merge_image_metadata(home)
+    assert any("1 label(s) no longer in the manifest removed with their images: 2002" in n for n in result.notes)
+    assert set(pq.read_table(home / "metadata" / "images.parquet").column("label").to_pylist()) == {"1001"}
+    assert not list(home.glob("images/*/2002/*"))
+    assert not (home / "metadata" / "partitions" / "2002.parquet").exists()
+    assert not (home / "metadata" / "downloads" / "2002.parquet").exists()
+    assert check_files_match(home) == []
+
+
 def test_files_match_without_table(tmp_path: Path) -> None:
     assert check_files_match(tmp_path) == [f"{tmp_path / 'metadata' / 'images.parquet'} does not exist"]
 
