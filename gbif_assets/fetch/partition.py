@@ -219,18 +219,25 @@ def _download_label(
         found = _existing(dest, row["url_sha1"])
         if found is not None and present[row["stream"]] < row["stream_target"]:
             record = previous.get(row["url_sha1"])
+            side = config.resize_max_side
             if (
                 record is None
                 or record.get("path") != found.relative_to(home).as_posix()
                 or record.get("bytes") != found.stat().st_size  # changed or cut since: check it again
+                or (
+                    side and max(record.get("width") or 0, record.get("height") or 0) > side
+                )  # resize_max_side set since
             ):
-                verified = verify_image(str(found), config.max_pixels)
+                verified = verify_image(str(found), config.max_pixels, side)
                 if not verified.ok:
                     found.unlink()
                     found = None
                 else:
+                    if found.suffix != f".{verified.ext}":  # resized to another format (a GIF becomes a PNG)
+                        found = found.rename(found.with_suffix(f".{verified.ext}"))
+                    source = record.get("source", "publisher") if record else "publisher"
                     record = _kept_row(row, label, found, home, verified.sha256, verified.width, verified.height,
-                                       verified.size, verified.mime, "publisher", dt.datetime.now(dt.UTC))  # fmt: skip
+                                       verified.size, verified.mime, source, dt.datetime.now(dt.UTC))  # fmt: skip
             if found is not None:
                 kept.append(record)
                 present[row["stream"]] += 1

@@ -328,6 +328,21 @@ def test_media_the_recipe_now_refuses_leave_even_with_keep(hosts: ImageHosts, tm
     assert [p.name.split(".")[0] for p in home.glob("images/*/L1/*")] == [hashlib.sha1(a.encode()).hexdigest()]
 
 
+def test_resize_set_after_a_build_resizes_the_files_already_there(hosts: ImageHosts, tmp_path: Path) -> None:
+    """`resize_max_side` added to the recipe later: the next run resizes the kept files in place
+    (no mixed sizes, nothing fetched again) and their rows say the new size."""
+    home = tmp_path / "home"
+    manifest = _manifest(tmp_path / "m.parquet", hosts.base_urls["ok"], 4)
+    assert download_label(manifest, "L1", home, _config()).kept == 4
+    result = download_label(manifest, "L1", home, _config(resize_max_side=64))
+    assert (result.kept, result.fetched) == (4, 0)
+    rows = pq.read_table(home / "metadata" / "partitions" / "L1.parquet").to_pylist()
+    for row in rows:
+        with Image.open(home / row["path"]) as img:
+            assert max(img.size) <= 64 and img.size == (row["width"], row["height"])
+        assert row["bytes"] == (home / row["path"]).stat().st_size
+
+
 def test_a_second_run_of_a_label_is_refused_while_one_runs(hosts: ImageHosts, tmp_path: Path) -> None:
     home = tmp_path / "home"
     manifest = _manifest(tmp_path / "m.parquet", hosts.base_urls["ok"], 3)
