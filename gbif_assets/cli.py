@@ -115,10 +115,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point; recipe, GBIF and settings errors become one clear line and exit code 2."""
-    from gbif_assets.gbif import GbifError
-    from gbif_assets.settings import SettingsError
-
     args = _parser().parse_args(argv)
+    try:  # Ctrl-C during the imports (Dagster's take a second) is an interrupt like any other
+        from gbif_assets.gbif import GbifError
+        from gbif_assets.settings import SettingsError
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     try:
         return int(args.func(args) or 0)
     except RecipeError as exc:

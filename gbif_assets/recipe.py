@@ -55,6 +55,14 @@ def _listify(value: Any) -> list[Any]:
     return list(value) if isinstance(value, list | tuple) else [value]
 
 
+def _no_typo(field: str) -> None:
+    """`specieskey` or `datasetkey` would load a column of nothing: name the field meant."""
+    from gbif_assets.gbif.predicate import RECORD_FIELDS, typo_of
+
+    if (meant := typo_of(field, RECORD_FIELDS)) is not None:
+        raise ValueError(f"{field!r} is not an occurrence field; did you mean {meant!r}?")
+
+
 class Source(_Model):
     """Where occurrences come from: a new download, the search API, or an existing download."""
 
@@ -151,7 +159,11 @@ class HostFilter(AllowDeny):
     def _hosts(cls, values: list[str]) -> list[str]:
         out = []
         for value in values:
-            host = str(value).strip().lower().removeprefix("[").removesuffix("]")
+            host = str(value).strip().lower().removeprefix("[").removesuffix("]").rstrip(".")
+            if not host.isascii():  # bücher.example: the name the engine connects to is its punycode
+                from gbif_assets.fetch.engine import host_of
+
+                host = host_of(f"http://{host}/") or host
             try:
                 host = str(ipaddress.ip_address(host))  # an address matches only itself
             except ValueError:
@@ -219,6 +231,7 @@ class Balance(_Model):
         for field in fields:
             if not isinstance(field, str) or not FIELD_RE.match(field):
                 raise ValueError(f"{field!r} is not an occurrence field name")
+            _no_typo(field)
         return fields
 
     @field_validator("nb_samples")
@@ -347,6 +360,7 @@ class Recipe(_Model):
     def _label(cls, value: str) -> str:
         if not FIELD_RE.match(value):
             raise ValueError(f"{value!r} is not an occurrence field name (like speciesKey)")
+        _no_typo(value)
         return value
 
     @field_validator("refresh_cron")

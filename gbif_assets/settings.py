@@ -47,8 +47,9 @@ class Settings:
     def from_env(cls) -> Settings:
         """Resolve settings now; paths are made absolute so a later chdir cannot move outputs."""
         home = Path(os.environ.get("GBIF_ASSETS_HOME", "data")).resolve()
-        if home.exists() and not home.is_dir():
-            raise SettingsError(f"GBIF_ASSETS_HOME (--home) {home} is a file, not a folder")
+        for folder in (home, *home.parents):
+            if folder.exists() and not folder.is_dir():
+                raise SettingsError(f"GBIF_ASSETS_HOME (--home) {home}: {folder} is a file, not a folder")
         return cls(
             api_url=os.environ.get("GBIF_API_URL", DEFAULT_API_URL).rstrip("/"),
             username=os.environ.get("GBIF_USERNAME") or None,

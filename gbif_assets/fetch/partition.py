@@ -26,7 +26,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from gbif_assets.fetch.engine import Candidate, FetchConfig, FetchEngine, Outcome, Progress
+from gbif_assets.fetch.engine import Candidate, FetchConfig, FetchEngine, Outcome, Progress, host_of
 from gbif_assets.fetch.verify import verify_image
 
 KEPT_SCHEMA = pa.schema(
@@ -212,6 +212,7 @@ def _download_label(
     log.fold()  # the attempts of a run that was killed, from its chunks
     previous = {r["url_sha1"]: r for r in _read_rows(kept_path)}
     kept: list[dict[str, Any]] = []
+    recovered: list[dict[str, Any]] = []  # files a killed run finished after its last log chunk
     streams: dict[str, tuple[list[Candidate], int]] = {}
     present: Counter[str] = Counter()
     for row in rows:
@@ -235,6 +236,8 @@ def _download_label(
                 else:
                     if found.suffix != f".{verified.ext}":  # resized to another format (a GIF becomes a PNG)
                         found = found.rename(found.with_suffix(f".{verified.ext}"))
+                    if record is None:
+                        recovered.append(_recovered_attempt(row, found, verified.size))
                     source = record.get("source", "publisher") if record else "publisher"
                     record = _kept_row(row, label, found, home, verified.sha256, verified.width, verified.height,
                                        verified.size, verified.mime, source, dt.datetime.now(dt.UTC))  # fmt: skip
@@ -285,7 +288,7 @@ def _download_label(
                 )
             )
     gone, surplus = _reconcile(home, folder, rows, kept, previous, vanished, manifest_parquet)
-    log.fold(engine.attempts[log.written :])
+    log.fold(engine.attempts[log.written :] + _not_logged(log_path, recovered))
     _write_parquet(pa.Table.from_pylist(kept, schema=KEPT_SCHEMA), kept_path)
     targets = {s: int(r["stream_target"]) for r in rows for s in [r["stream"]]}
     got = Counter(r["stream"] for r in kept)
@@ -378,6 +381,25 @@ def _elsewhere_in_manifest(manifest: Path, sha1s: list[str]) -> set[str]:
     finally:
         con.close()
     return {r[0] for r in rows}
+
+
+def _recovered_attempt(row: dict[str, Any], found: Path, size: int) -> dict[str, Any]:
+    """The log row of a download whose file a killed run left verified on disk, after its last
+    log chunk: what the file tells (size, time); what it cannot (status, timing) stays empty."""
+    return {
+        "url": row["url"], "host": host_of(row["url"]), "final_url": None, "status": None, "error": None,
+        "detail": "logged from the file on disk: the run that fetched it was killed before logging it",
+        "bytes": size, "ms": None, "attempt": None, "source": "publisher", "stream": row["stream"],
+        "gbifID": row["gbifID"], "fetched_at": dt.datetime.fromtimestamp(found.stat().st_mtime, dt.UTC),
+    }  # fmt: skip
+
+
+def _not_logged(log_path: Path, recovered: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The recovered rows whose URL has no successful attempt in the log yet."""
+    if not recovered:
+        return []
+    logged = {r["url"] for r in _read_rows(log_path) if r["error"] is None}
+    return [r for r in recovered if r["url"] not in logged]
 
 
 def _kept_row(row: dict[str, Any], label: str, path: Path, home: Path, sha256: str | None, width: int, height: int,

@@ -31,16 +31,23 @@ MORE_SEARCH_FIELDS = {
     "higherGeography", "island", "islandGroup", "fieldNumber", "checklistKey", "taxonConceptId",
 }  # fmt: skip
 SEARCH_FIELDS = frozenset(key_lkup) | frozenset(KEY_FIXES) | MORE_SEARCH_FIELDS
+# fields of an occurrence record a recipe may label or balance by, beyond the search parameters
+RECORD_FIELDS = SEARCH_FIELDS | {
+    "species", "genus", "family", "order", "class", "phylum", "kingdom", "acceptedScientificName",
+    "genericName", "specificEpithet", "taxonRank", "lifeStage", "sex", "occurrenceStatus", "countryCode",
+    "stateProvince", "recordedBy", "institutionCode", "collectionCode", "year", "month", "basisOfRecord",
+    "publishingOrgKey", "datasetKey", "speciesKey", "acceptedTaxonKey", "taxonKey", "iucnRedListCategory",
+}  # fmt: skip
 
 
-def typo_of(field: str) -> str | None:
-    """The known search field that `field` misspells, or None (known, or unknown but not close)."""
-    if field in SEARCH_FIELDS:
+def typo_of(field: str, known: frozenset[str] | set[str] = SEARCH_FIELDS) -> str | None:
+    """The known field that `field` misspells, or None (known, or unknown but not close)."""
+    if field in known:
         return None
-    folded = {f.lower(): f for f in SEARCH_FIELDS}
+    folded = {f.lower(): f for f in known}
     if field.lower() in folded:
         return folded[field.lower()]
-    close = difflib.get_close_matches(field, SEARCH_FIELDS, n=1, cutoff=0.85)
+    close = difflib.get_close_matches(field, known, n=1, cutoff=0.85)
     return close[0] if close else None
 
 

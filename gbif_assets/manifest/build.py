@@ -131,7 +131,8 @@ def build_manifest(
     for needed in (recipe.label, *b.split_streams_by):
         if needed not in columns:
             raise ValueError(
-                f"field {needed!r} (label or split_streams_by) is not in `{source}`: rebuild `occurrences`"
+                f"field {needed!r} (label or split_streams_by) is not in `{source}`: rebuild `occurrences`, "
+                "which loads the fields the recipe names (if GBIF has no such field, check the spelling)"
             )
     counts = con.execute(
         "SELECT count(*), " + ", ".join(f"count({quote(c)})" for c in (recipe.label, *b.split_streams_by))
@@ -141,8 +142,8 @@ def build_manifest(
         if counts[0] and not filled:  # a misspelt field is a column of NULLs: every row would be one class
             what = "label" if field_name == recipe.label else "balance.split_streams_by"
             raise ValueError(
-                f"{what}: {field_name!r} has no value in any of the {counts[0]:,} media rows; is it a GBIF "
-                "occurrence field (like speciesKey, datasetKey, countryCode)? Check the spelling"
+                f"{what}: {field_name!r} has no value in any of the {counts[0]:,} media rows: no occurrence "
+                "carries it, so it cannot tell them apart (a field GBIF does not have reads as empty too)"
             )
     register_idna_host(con)
     license_map = register_license_map(con, source, ["license", "occurrence_license"])

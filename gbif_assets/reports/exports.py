@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -54,6 +55,8 @@ def hf_metadata(home: Path) -> tuple[list[Path], Path, int]:
         written.append(write_csv(home / "images" / split / "metadata.csv", part, HF_COLUMNS))
     for split in set(SPLITS) - {r["split"] for r in rows}:  # emptied by a refresh: no stale listing
         (home / "images" / split / "metadata.csv").unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # gone already, or still holding something
+            (home / "images" / split).rmdir()
     table = write_csv(home / "reports" / "images.csv", rows, ["file_name", "split", *HF_COLUMNS[1:], "path"])
     return written, table, len(rows)
 

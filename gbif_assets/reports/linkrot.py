@@ -69,8 +69,9 @@ def link_rot_report(home: Path) -> LinkRotReport:
                            FILTER (WHERE a.source = 'publisher') AS last_error,
                        arg_max(a.status, a.fetched_at)
                            FILTER (WHERE a.source = 'publisher') AS last_status,
-                       -- a link whose every attempt met a host that asked to be left alone was never judged
-                       bool_or(a.error IS DISTINCT FROM 'host_paused') AS tried
+                       -- a link whose publisher was never asked (its host wanted to be left alone) is not
+                       -- judged, even if GBIF's cache then served it
+                       bool_or(a.source = 'publisher' AND a.error IS DISTINCT FROM 'host_paused') AS tried
                 FROM {attempts} a
                 LEFT JOIN read_parquet({manifest}) m ON m.identifier = a.url
                 GROUP BY a.url"""

@@ -240,7 +240,13 @@ def test_kill_dash_nine_then_resume(hosts: ImageHosts, tmp_path: Path) -> None:
     assert result.kept == total and result.already_present == len(finished)
     assert hosts.stats["slow"].requests - before == total - len(finished)  # nothing fetched twice
     assert not list(chunks.glob("L1.parquet.chunk-*"))  # folded into the log
-    assert pq.read_table(chunks / "L1.parquet").num_rows == logged + result.attempts
+    log_rows = pq.read_table(chunks / "L1.parquet").to_pylist()
+    recovered = [r for r in log_rows if (r["detail"] or "").startswith("logged from the file on disk")]
+    assert len(log_rows) == logged + result.attempts + len(recovered)
+    # every kept image has its successful attempt in the log: chunked before the kill, made in the
+    # resumed run, or (finished after the last chunk) logged from the file on disk
+    kept_urls = set(pq.read_table(home / "metadata" / "partitions" / "L1.parquet").column("url").to_pylist())
+    assert kept_urls == {r["url"] for r in log_rows if r["error"] is None}
     for path, mtime in finished.items():
         assert path.stat().st_mtime_ns == mtime
     assert not list(home.glob("images/*/L1/.*.part"))

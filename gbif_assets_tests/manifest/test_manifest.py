@@ -263,14 +263,15 @@ def test_missing_label_field_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_a_label_field_with_no_value_is_a_clear_error(tmp_path: Path) -> None:
-    """A misspelt label is a column of NULLs after ingest: say so, not "the filters removed all"."""
+    """A field no occurrence carries (or one GBIF does not have) is a column of NULLs after ingest:
+    say so, not "the filters removed all"."""
     con = duckdb.connect()
     _table(con, _pool({("1", DATASET_A): 5}))
-    con.execute('ALTER TABLE occurrences ADD COLUMN "speciesKeyy" VARCHAR')
-    with pytest.raises(ValueError, match=r"label: 'speciesKeyy' has no value in any of the 5 media rows"):
-        build_manifest(con, _recipe(label="speciesKeyy"), tmp_path / "m.parquet")
-    with pytest.raises(ValueError, match=r"balance.split_streams_by: 'speciesKeyy' has no value"):
-        build_manifest(con, _recipe(balance__split_streams_by=["speciesKeyy"]), tmp_path / "m.parquet")
+    con.execute('ALTER TABLE occurrences ADD COLUMN "lifeStage" VARCHAR')
+    with pytest.raises(ValueError, match=r"label: 'lifeStage' has no value in any of the 5 media rows"):
+        build_manifest(con, _recipe(label="lifeStage"), tmp_path / "m.parquet")
+    with pytest.raises(ValueError, match=r"balance.split_streams_by: 'lifeStage' has no value"):
+        build_manifest(con, _recipe(balance__split_streams_by=["lifeStage"]), tmp_path / "m.parquet")
 
 
 TRICKY_URLS = [

@@ -172,6 +172,13 @@ BAD = [
         "did you mean 'speciesKey'",
     ),
     ("empty query value", _edit(["source", "query"], {"speciesKey": [""]}), "source.query", "empty value"),
+    ("label typo", _edit(["label"], "specieskey"), "label", "did you mean 'speciesKey'"),
+    (
+        "stream field typo",
+        _edit(["balance", "split_streams_by"], ["datasetkey"]),
+        "balance.split_streams_by",
+        "did you mean 'datasetKey'",
+    ),
     (
         "bad predicate key",
         lambda d: _edit(["source"], {"mode": "download", "predicate": {"type": "equals", "key": 12, "value": "1"}})(d),
@@ -305,10 +312,12 @@ def test_same_name_as_yaml_and_yml(tmp_path: Path) -> None:
 def test_host_entries() -> None:
     """An address matches only itself; "*.name" is allowed at the front only."""
     data = _base()
-    data["filters"]["hosts"] = {"allow": ["*.amazonaws.com", "127.0.0.2", "[::1]", "Example.ORG"]}
+    data["filters"]["hosts"] = {"allow": ["*.amazonaws.com", "127.0.0.2", "[::1]", "Example.ORG.", "bücher.example"]}
     from gbif_assets.recipe import parse_recipe
 
-    assert parse_recipe(data, "x").filters.hosts.allow == ["*.amazonaws.com", "127.0.0.2", "::1", "example.org"]
+    assert parse_recipe(data, "x").filters.hosts.allow == [
+        "*.amazonaws.com", "127.0.0.2", "::1", "example.org", "xn--bcher-kva.example"
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -77,6 +77,7 @@ def test_links_at_a_host_that_asked_for_a_pause_are_not_judged(home: Path) -> No
     extra = [
         {**rows[0], "url": f"https://img.a.example/paused/{i}.jpg", "error": "host_paused", "ms": 0} for i in range(4)
     ]
+    extra.append({**extra[0], "error": None, "source": "gbif_cache", "ms": 5})  # the cache served one: still unjudged
     pq.write_table(pa.Table.from_pylist(rows + extra), log)
     report = link_rot_report(home)
     assert (report.links_tried, report.invalid) == (12, 2)
