@@ -78,7 +78,8 @@ class LabelBusy(RuntimeError):
 class _AttemptLog:
     """metadata/downloads/<label>.parquet, written as the fetch goes: every few seconds the new
     rows go to a chunk file beside it, and the chunks are folded into the log at the end or, after
-    a kill, at the start of the next run: a kill loses at most the last few seconds' attempts."""
+    a kill, at the start of the next run. A kill loses only the failed attempts of its last few
+    seconds: the files it finished then are logged from disk by the next run."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
