@@ -129,7 +129,7 @@ class Outcome:
 
     candidate: Candidate
     ok: bool
-    file: str | None = None  # a string: a Path per image is measurable CPU on the fetch path
+    file: str | None = None  # a string: the fetch path builds no Path per image (two before)
     verified: Verified | None = None
     source: str | None = None
     error: str | None = None
