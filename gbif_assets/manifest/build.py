@@ -315,10 +315,13 @@ def write_excluded(con: duckdb.DuckDBPyConnection, home: Path, source: str = "oc
     out = home / "metadata" / "excluded.parquet"
     on_disk = {p.name.split(".", 1)[0] for p in (home / "images").glob("*/*/*.*") if not p.name.startswith(".")}
     on_disk.discard("metadata")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not on_disk:  # a first build: nothing to look up (and no 8M-row hash pass)
+        pq.write_table(pa.table({"url_sha1": pa.array([], pa.string())}), out)
+        return 0
     con.register("on_disk", pa.table({"url_sha1": pa.array(sorted(on_disk), pa.string())}))
     try:
         tmp = out.with_name(out.name + ".tmp")
-        out.parent.mkdir(parents=True, exist_ok=True)
         con.execute(
             f"""COPY (
                 SELECT DISTINCT d.url_sha1 FROM on_disk d
