@@ -221,16 +221,8 @@ def _download_label(
         found = _existing(dest, row["url_sha1"])
         if found is not None and present[row["stream"]] < row["stream_target"]:
             record = previous.get(row["url_sha1"])
-            side = config.resize_max_side
-            if (
-                record is None
-                or record.get("path") != found.relative_to(home).as_posix()
-                or record.get("bytes") != found.stat().st_size  # changed or cut since: check it again
-                or (
-                    side and max(record.get("width") or 0, record.get("height") or 0) > side
-                )  # resize_max_side set since
-            ):
-                verified = verify_image(str(found), config.max_pixels, side)
+            if _needs_check(record, found, home, config.resize_max_side):
+                verified = verify_image(str(found), config.max_pixels, config.resize_max_side)
                 if not verified.ok:
                     found.unlink()
                     found = None
@@ -382,6 +374,16 @@ def _elsewhere_in_manifest(manifest: Path, sha1s: list[str]) -> set[str]:
     finally:
         con.close()
     return {r[0] for r in rows}
+
+
+def _needs_check(record: dict[str, Any] | None, found: Path, home: Path, side: int | None) -> bool:
+    """A file on disk is trusted as its row says, unless there is no row, the row is for another
+    path, the size changed (cut or replaced since), or it is larger than a resize set since."""
+    if record is None or record.get("path") != found.relative_to(home).as_posix():
+        return True
+    if record.get("bytes") != found.stat().st_size:
+        return True
+    return bool(side) and max(record.get("width") or 0, record.get("height") or 0) > (side or 0)
 
 
 def _recovered_attempt(row: dict[str, Any], found: Path, size: int) -> dict[str, Any]:
