@@ -347,8 +347,9 @@ def check_split_leakage(home: Path) -> list[str]:
 
 
 def check_candidates_selected(home: Path) -> list[str]:
-    """An empty manifest is a valid outcome (a refresh that finds nothing new), but a user must
-    hear why nothing will be downloaded: no media in the source, or filters that removed it all."""
+    """An empty manifest is a valid outcome (a taxon with no images on GBIF yet), not a failure,
+    but a user must hear why nothing will be downloaded: no media in the source, or filters that
+    removed it all."""
     con = open_warehouse(home, read_only=True)
     try:
         selected = con.execute("SELECT count(*) FILTER (WHERE selected) FROM media_manifest").fetchone()[0]
