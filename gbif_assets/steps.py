@@ -176,14 +176,21 @@ def fetch_archive(recipe: Recipe, settings: Settings, home: Path) -> ArchiveResu
             status = await client.download_status(wanted)
             key = status["key"]
             state = status.get("status")
+            dest = home / "archive" / f"{key}.zip"
             if state == "FILE_ERASED":
+                kept = read_state(home, ARCHIVE_STATE) or {}
+                if kept.get("key") == key and dest.exists() and dest.stat().st_size == kept.get("size"):
+                    # GBIF erased its copy, ours is whole: the DOI still cites it
+                    return ArchiveResult(key=key, doi=status.get("doi") or kept.get("doi"), path=dest,
+                                         size=dest.stat().st_size, total_records=int(kept.get("total_records") or 0),
+                                         fetched=False, citation=kept.get("citation"),
+                                         format=str(status.get("request", {}).get("format", "DWCA")))  # fmt: skip
                 raise DownloadGone(f"download {key} was erased by GBIF: request a new download")
             if state != "SUCCEEDED":
                 raise StepError(
                     f"download {key} is {state}, not SUCCEEDED: the `gbif_download_status` sensor "
                     "starts this asset when GBIF is done"
                 )
-            dest = home / "archive" / f"{key}.zip"
             fetched = not dest.exists()
             path = await client.fetch_archive(key, dest)
             try:
@@ -485,8 +492,8 @@ def citation(recipe: Recipe, settings: Settings, home: Path):
         description=recipe.description
         or f"Images of {recipe.name} selected by gbif-assets from a GBIF occurrence search.",
     )
-    answer = None
-    if settings.username and settings.password and body["relatedDatasets"]:
+    answer = _registered_before(home, body)  # the same request again (a resumed build): the same DOI
+    if answer is None and settings.username and settings.password and body["relatedDatasets"]:
 
         async def register() -> dict[str, Any]:
             async with _client(settings) as client:
@@ -499,6 +506,18 @@ def citation(recipe: Recipe, settings: Settings, home: Path):
 
         answer = asyncio.run(register())
     return write_citation(home, recipe.name, "search", None, None, derived_request=body, derived_answer=answer)
+
+
+def _registered_before(home: Path, body: dict[str, Any]) -> dict[str, Any] | None:
+    """GBIF's answer to an identical earlier registration: every registration mints a new DOI, so a
+    rebuild that would send the same request keeps the DOI it has."""
+    reports = home / "reports"
+    try:
+        request = json.loads((reports / "derived_dataset_request.json").read_text(encoding="utf-8"))
+        answer = json.loads((reports / "derived_dataset.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return answer if request == body and answer.get("doi") else None
 
 
 def link_rot_report(recipe: Recipe, settings: Settings, home: Path):

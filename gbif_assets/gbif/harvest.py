@@ -128,8 +128,9 @@ async def harvest(
     records: dict[int, dict[str, Any]] = {}
 
     async def page(params: list[tuple[str, str]], offset: int) -> list[dict[str, Any]]:
+        limit = min(PAGE, WINDOW - offset)  # GBIF refuses offset + limit > 100,000: the last page is shorter
         async with semaphore:
-            answer = await client.search([*params, ("limit", str(PAGE)), ("offset", str(offset))])
+            answer = await client.search([*params, ("limit", str(limit)), ("offset", str(offset))])
         return answer.get("results", [])
 
     for fixed in await _stream_values(client, query, streams_by, report):
@@ -137,17 +138,24 @@ async def harvest(
         total = int((await client.count(params)).get("count", 0))
         report.requests.append({"purpose": "count", "params": _fmt(params) + "&limit=0"})
         wanted = total if need_per_stream is None else min(total, reserve_for(need_per_stream))
-        windows = (
-            await _windows(client, params, total, report)
-            if wanted > WINDOW or (need_per_stream is None and total > WINDOW)
-            else [(params, total)]
-        )
+        windows = [(params, total)]
+        if total > WINDOW:  # split, so that a sample is spread over every record, not the first 100,000
+            try:
+                windows = await _windows(client, params, total, report)
+            except HarvestTooLarge:
+                if wanted > WINDOW:
+                    raise
+                report.notes.append(
+                    f"stream {fixed or '(all)'}: {wanted:,} records sampled from the first 100,000 of {total:,} "
+                    "(GBIF's search window; facets could not split it): use download mode for an even sample"
+                )
         fetched = 0
         for sub, sub_total in windows:
             share = sub_total if wanted >= total else math.ceil(wanted * sub_total / max(total, 1))
             offsets = _offsets(min(sub_total, WINDOW), share)
             for offset in offsets:
-                report.requests.append({"purpose": "page", "params": _fmt(sub) + f"&limit={PAGE}&offset={offset}"})
+                limit = min(PAGE, WINDOW - offset)
+                report.requests.append({"purpose": "page", "params": _fmt(sub) + f"&limit={limit}&offset={offset}"})
             pages = await asyncio.gather(*(page(sub, o) for o in offsets))
             for results in pages:
                 for record in results:

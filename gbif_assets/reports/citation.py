@@ -37,10 +37,12 @@ def derived_dataset_request(
     description: str | None,
     original_doi: str | None = None,
 ) -> dict[str, Any]:
-    """POST /derivedDataset body: datasetKey -> number of kept images."""
+    """POST /derivedDataset body: datasetKey -> number of occurrence records used (GBIF counts
+    records, and an occurrence may give the set several images)."""
     counts = rows_of(
         home,
-        'SELECT "datasetKey" AS k, count(*) AS n FROM images WHERE "datasetKey" IS NOT NULL GROUP BY k ORDER BY k',
+        'SELECT "datasetKey" AS k, count(DISTINCT "gbifID") AS n FROM images WHERE "datasetKey" IS NOT NULL '
+        "GROUP BY k ORDER BY k",
     )
     body: dict[str, Any] = {
         "title": title,

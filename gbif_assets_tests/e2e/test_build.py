@@ -232,3 +232,18 @@ def _cmdline(proc: Path) -> str:
         return (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
+
+
+def test_a_rebuilt_citation_keeps_its_derived_dataset_doi(gbif_env: Path, emulator) -> None:
+    """GBIF mints a new DOI for every derived-dataset registration: building `citation` again with
+    the same images must not register (and cite) a second one."""
+    recipe = load_recipe(copy_recipe("invasive_plants", gbif_env / "datasets", name="cited"))
+    assert run_build(recipe, BuildOptions()) == 0
+    posts = len(emulator.state.derived)
+    doi = json.loads((gbif_env / "data" / "cited" / "reports" / "derived_dataset.json").read_text())["doi"]
+    assert run_build(recipe, BuildOptions(select="cited/citation")) == 0
+    assert len(emulator.state.derived) == posts
+    assert doi in (gbif_env / "data" / "cited" / "reports" / "CITATION.cff").read_text()
+    related = emulator.state.derived[-1]["request"]["relatedDatasets"]
+    rows = pq.read_table(gbif_env / "data" / "cited" / "metadata" / "images.parquet").to_pylist()
+    assert sum(related.values()) == len({r["gbifID"] for r in rows})  # records, not images

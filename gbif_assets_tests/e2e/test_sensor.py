@@ -10,6 +10,7 @@ import pytest
 
 from gbif_assets.defs.definitions import build_definitions
 from gbif_assets.defs.resources import default_resources
+from gbif_assets.gbif import DownloadGone
 from gbif_assets.recipe import load_recipe
 from gbif_assets_tests.conftest import copy_recipe
 
@@ -86,3 +87,25 @@ def test_sensor_asks_again_after_file_erased(gbif_env: Path, emulator) -> None:
     result = _tick(defs, instance, None)
     assert len(result.run_requests) == 1
     assert [k.path[-1] for k in result.run_requests[0].asset_selection] == ["download_request"]
+
+
+def test_an_erased_download_with_a_whole_archive_on_disk_is_reused(gbif_env: Path, emulator) -> None:
+    """GBIF erases a download's file after a while; the archive we already hold (same key, same
+    size) still builds and keeps its DOI, in existing mode and in download mode alike."""
+    from gbif_assets import steps
+    from gbif_assets.settings import Settings
+
+    _, _, key = _setup(gbif_env, "erased_reuse")
+    emulator.set_status(key, "SUCCEEDED")
+    path = gbif_env / "datasets" / "erased_existing.yaml"
+    path.write_text(f"name: erased_existing\nsource: {{mode: existing, key: '{key}'}}\n")
+    recipe, settings = load_recipe(path), Settings.from_env()
+    home = settings.dataset_home(recipe.name)
+    first = steps.fetch_archive(recipe, settings, home)
+    assert first.fetched and first.doi
+    emulator.set_status(key, "FILE_ERASED")
+    again = steps.fetch_archive(recipe, settings, home)
+    assert (again.fetched, again.path, again.doi, again.size) == (False, first.path, first.doi, first.size)
+    first.path.write_bytes(first.path.read_bytes()[:100])  # not whole any more: a new download is needed
+    with pytest.raises(DownloadGone, match="erased by GBIF"):
+        steps.fetch_archive(recipe, settings, home)

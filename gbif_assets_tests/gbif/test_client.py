@@ -196,6 +196,56 @@ def test_harvest_splits_past_the_offset_window() -> None:
     assert len(records) == 150_000 and report.streams[0]["sub_queries"] == 30
 
 
+def _paged_search(years: dict[str, int]):
+    """A search endpoint with GBIF's paging rules: 400 past offset + limit 100,000; year facets."""
+
+    async def handler(request: web.Request) -> web.Response:
+        q = request.query
+        year = q.get("year")
+        count = years[year] if year else sum(years.values())
+        if "facet" in q:
+            counts = [{"name": y, "count": n} for y, n in years.items()]
+            return web.json_response({"count": count, "results": [], "facets": [{"field": "YEAR", "counts": counts}]})
+        limit, offset = int(q.get("limit", 20)), int(q.get("offset", 0))
+        if offset + limit > 100_000:
+            return web.Response(status=400, text=f"Max offset of 100000 exceeded: {offset} + {limit}")
+        n = max(0, min(limit, count - offset))
+        base = int(year or 0) * 1_000_000
+        return web.json_response(
+            {"count": count, "results": [{"key": base + offset + i, "media": []} for i in range(n)]}
+        )
+
+    return handler
+
+
+def _harvest_from(handler, need: int | None):
+    async def go():
+        runner, url = await _serve(handler)
+        try:
+            async with _client(url) as client:
+                return await harvest(client, {"speciesKey": [1]}, [], need)
+        finally:
+            await runner.cleanup()
+
+    return asyncio.run(go())
+
+
+def test_harvest_at_the_window_edge_shortens_its_last_page() -> None:
+    """99,950 records: the page at offset 99,900 asks for 100, not 300 (GBIF answers 400 past 100,000)."""
+    records, report = _harvest_from(_paged_search({"2000": 99_950}), None)
+    assert len(records) == 99_950
+    assert any(r["params"].endswith("limit=100&offset=99900") for r in report.requests)
+
+
+def test_a_sample_of_a_large_stream_reaches_past_the_first_100000() -> None:
+    """20,000 wanted of 150,000: the stream is still split, so the sample is spread over every
+    record, not drawn from the first 100,000 only."""
+    records, report = _harvest_from(_paged_search({str(1990 + y): 5000 for y in range(30)}), 20_000)
+    assert report.streams[0]["sub_queries"] == 30
+    years = {int(r["key"]) // 1_000_000 for r in records}
+    assert len(years) == 30  # every part of the stream contributes
+
+
 def test_harvest_refuses_what_it_cannot_reach() -> None:
     async def handler(request: web.Request) -> web.Response:
         if "facet" in request.query:
