@@ -164,38 +164,6 @@ def test_harvest_pages_only_what_the_balance_needs(emulator) -> None:
     assert len(pages) == 1 and "limit=300&offset=0" in pages[0]["params"]
 
 
-def test_harvest_splits_past_the_offset_window() -> None:
-    """A stream of 150,000 records is split by year so every record stays reachable."""
-    years = {str(1990 + y): 5000 for y in range(30)}
-
-    async def handler(request: web.Request) -> web.Response:
-        q = request.query
-        year = q.get("year")
-        count = years[year] if year else sum(years.values())
-        if "facet" in q:
-            counts = [{"name": y, "count": n} for y, n in years.items()]
-            return web.json_response({"count": count, "results": [], "facets": [{"field": "YEAR", "counts": counts}]})
-        limit, offset = int(q.get("limit", 20)), int(q.get("offset", 0))
-        if offset + limit > 100_000:
-            return web.Response(status=400, text="offset too large")
-        n = max(0, min(limit, count - offset))
-        base = int(year or 0) * 100_000
-        return web.json_response(
-            {"count": count, "results": [{"key": base + offset + i, "media": []} for i in range(n)]}
-        )
-
-    async def go():
-        runner, url = await _serve(handler)
-        try:
-            async with _client(url) as client:
-                return await harvest(client, {"speciesKey": [1]}, [], None)
-        finally:
-            await runner.cleanup()
-
-    records, report = asyncio.run(go())
-    assert len(records) == 150_000 and report.streams[0]["sub_queries"] == 30
-
-
 def _paged_search(years: dict[str, int]):
     """A search endpoint with GBIF's paging rules: 400 past offset + limit 100,000; year facets."""
 
@@ -228,6 +196,12 @@ def _harvest_from(handler, need: int | None):
             await runner.cleanup()
 
     return asyncio.run(go())
+
+
+def test_harvest_splits_past_the_offset_window() -> None:
+    """A stream of 150,000 records is split by year so every record stays reachable."""
+    records, report = _harvest_from(_paged_search({str(1990 + y): 5000 for y in range(30)}), None)
+    assert len(records) == 150_000 and report.streams[0]["sub_queries"] == 30
 
 
 def test_harvest_at_the_window_edge_shortens_its_last_page() -> None:
