@@ -24,6 +24,7 @@ from gbif_assets.retry_after import retry_after_seconds
 log = logging.getLogger(__name__)
 USER_AGENT = "gbif-assets/0.1 (+https://github.com/gbif-assets)"
 RETRY_STATUSES = {429, 500, 502, 503, 504}
+TIMEOUTS_BEFORE_GIVING_UP = 3  # read timeouts on one call (each timeout_s long) before GBIF counts as down
 
 
 class GbifError(RuntimeError):
@@ -110,7 +111,7 @@ class GbifClient:
     ) -> tuple[int, Any]:
         """One API call with retries; returns (status, parsed body) for 2xx, raises otherwise."""
         url = path if path.startswith("http") else f"{self.api_url}{path}"
-        attempt = too_many = 0
+        attempt = too_many = timeouts = 0
         while True:
             try:
                 async with self.session.request(
@@ -120,6 +121,12 @@ class GbifClient:
                     text = await response.text(errors="replace")
                     retry_after = response.headers.get("Retry-After")
             except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as exc:
+                timeouts += isinstance(exc, TimeoutError)
+                if timeouts >= TIMEOUTS_BEFORE_GIVING_UP:  # an API silent for minutes is down, not slow
+                    raise GbifError(
+                        f"{method} {url}: no answer in {self.timeout.sock_read:.0f} s, {timeouts} times: "
+                        "GBIF (or GBIF_API_URL) is not answering"
+                    ) from None
                 if attempt >= self.max_retries:
                     raise GbifError(f"{method} {url}: {type(exc).__name__}: {exc}") from None
                 delay = self._backoff(attempt)
@@ -167,7 +174,10 @@ class GbifClient:
             )
         if status == 420:
             return GbifError(f"GBIF: too many simultaneous downloads for {self.username!r} (HTTP 420)", status)
-        return GbifError(f"{method} {url}: HTTP {status}: {excerpt}", status)
+        hint = ""
+        if status == 404 and not self.api_url.endswith("/v1"):
+            hint = f" (GBIF_API_URL is {self.api_url}: GBIF's API lives under /v1, like https://api.gbif.org/v1)"
+        return GbifError(f"{method} {url}: HTTP {status}: {excerpt}{hint}", status)
 
     # -- search ----------------------------------------------------------------------------
 

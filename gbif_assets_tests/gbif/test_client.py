@@ -242,3 +242,44 @@ def test_harvest_refuses_what_it_cannot_reach() -> None:
 
     with pytest.raises(HarvestTooLarge, match=r"use `source\.mode: download`"):
         asyncio.run(go())
+
+
+def test_an_api_that_never_answers_is_given_up_after_three_timeouts() -> None:
+    """Connections accepted, no answer: three read timeouts end the call (not seven retries of a
+    minute each), with a message that says the API is not answering."""
+    calls = 0
+
+    async def handler(request: web.Request) -> web.Response:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(2)  # far past the client's 0.3 s; short, so the server's shutdown is quick
+        return web.json_response({})
+
+    async def go() -> None:
+        runner, url = await _serve(handler)
+        try:
+            async with _client(url, timeout_s=0.3) as client:
+                await client.count([("speciesKey", "1")])
+        finally:
+            await runner.cleanup()
+
+    started = time.monotonic()
+    with pytest.raises(GbifError, match=r"no answer in 0 s, 3 times: GBIF \(or GBIF_API_URL\) is not answering"):
+        asyncio.run(go())
+    assert calls == 3 and time.monotonic() - started < 8
+
+
+def test_a_404_from_an_api_url_without_v1_says_where_the_api_lives() -> None:
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(status=404, text="Not Found")
+
+    async def go() -> None:
+        runner, url = await _serve(handler)
+        try:
+            async with _client(url.removesuffix("/v1")) as client:
+                await client.count([("speciesKey", "1")])
+        finally:
+            await runner.cleanup()
+
+    with pytest.raises(GbifError, match=r"HTTP 404: Not Found \(GBIF_API_URL is .*: GBIF's API lives under /v1"):
+        asyncio.run(go())
