@@ -81,6 +81,20 @@ async def _serve(handler) -> tuple[web.AppRunner, str]:
     return runner, f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
 
 
+def _against(handler, call, api_url=lambda url: url, **client_kw):
+    """Run `call(client)` against a throwaway server answering with `handler`."""
+
+    async def go():
+        runner, url = await _serve(handler)
+        try:
+            async with _client(api_url(url), **client_kw) as client:
+                return await call(client)
+        finally:
+            await runner.cleanup()
+
+    return asyncio.run(go())
+
+
 @pytest.mark.parametrize("retry_after", ["1", "http-date"])
 def test_429_and_5xx_back_off_and_honour_retry_after(retry_after: str) -> None:
     calls: list[float] = []
@@ -130,16 +144,11 @@ def test_other_errors_name_status_and_body() -> None:
     async def handler(request: web.Request) -> web.Response:
         return web.Response(status=400, text="Invalid predicate: bogus")
 
-    async def go() -> None:
-        runner, url = await _serve(handler)
-        try:
-            async with _client(url) as client:
-                await client.request_download({"type": "equals", "key": "YEAR", "value": "2000"})
-        finally:
-            await runner.cleanup()
+    def go() -> None:
+        _against(handler, lambda client: client.request_download({"type": "equals", "key": "YEAR", "value": "2000"}))
 
     with pytest.raises(GbifError, match="HTTP 400: Invalid predicate: bogus"):
-        asyncio.run(go())
+        go()
 
 
 def test_harvest_fetches_every_stream_and_records_requests(emulator) -> None:
@@ -187,15 +196,7 @@ def _paged_search(years: dict[str, int]):
 
 
 def _harvest_from(handler, need: int | None):
-    async def go():
-        runner, url = await _serve(handler)
-        try:
-            async with _client(url) as client:
-                return await harvest(client, {"speciesKey": [1]}, [], need)
-        finally:
-            await runner.cleanup()
-
-    return asyncio.run(go())
+    return _against(handler, lambda client: harvest(client, {"speciesKey": [1]}, [], need))
 
 
 def test_harvest_splits_past_the_offset_window() -> None:
@@ -255,17 +256,12 @@ def test_an_api_that_never_answers_is_given_up_after_three_timeouts() -> None:
         await asyncio.sleep(2)  # far past the client's 0.3 s; short, so the server's shutdown is quick
         return web.json_response({})
 
-    async def go() -> None:
-        runner, url = await _serve(handler)
-        try:
-            async with _client(url, timeout_s=0.3) as client:
-                await client.count([("speciesKey", "1")])
-        finally:
-            await runner.cleanup()
+    def go() -> None:
+        _against(handler, lambda client: client.count([("speciesKey", "1")]), timeout_s=0.3)
 
     started = time.monotonic()
     with pytest.raises(GbifError, match=r"no answer in 0 s, 3 times: GBIF \(or GBIF_API_URL\) is not answering"):
-        asyncio.run(go())
+        go()
     assert calls == 3 and time.monotonic() - started < 8
 
 
@@ -273,13 +269,10 @@ def test_a_404_from_an_api_url_without_v1_says_where_the_api_lives() -> None:
     async def handler(request: web.Request) -> web.Response:
         return web.Response(status=404, text="Not Found")
 
-    async def go() -> None:
-        runner, url = await _serve(handler)
-        try:
-            async with _client(url.removesuffix("/v1")) as client:
-                await client.count([("speciesKey", "1")])
-        finally:
-            await runner.cleanup()
+    def go() -> None:
+        _against(
+            handler, lambda client: client.count([("speciesKey", "1")]), api_url=lambda url: url.removesuffix("/v1")
+        )
 
     with pytest.raises(GbifError, match=r"HTTP 404: Not Found \(GBIF_API_URL is .*: GBIF's API lives under /v1"):
-        asyncio.run(go())
+        go()
