@@ -105,6 +105,11 @@ async def _windows(
     return parts
 
 
+def _limit(offset: int) -> int:
+    """A page's size: GBIF refuses offset + limit > 100,000, so the last page of a window is shorter."""
+    return min(PAGE, WINDOW - offset)
+
+
 def _offsets(total: int, wanted: int) -> list[int]:
     """Page offsets that cover `wanted` records spread evenly across `total`."""
     pages = math.ceil(total / PAGE)
@@ -128,9 +133,8 @@ async def harvest(
     records: dict[int, dict[str, Any]] = {}
 
     async def page(params: list[tuple[str, str]], offset: int) -> list[dict[str, Any]]:
-        limit = min(PAGE, WINDOW - offset)  # GBIF refuses offset + limit > 100,000: the last page is shorter
         async with semaphore:
-            answer = await client.search([*params, ("limit", str(limit)), ("offset", str(offset))])
+            answer = await client.search([*params, ("limit", str(_limit(offset))), ("offset", str(offset))])
         return answer.get("results", [])
 
     for fixed in await _stream_values(client, query, streams_by, report):
@@ -154,8 +158,9 @@ async def harvest(
             share = sub_total if wanted >= total else math.ceil(wanted * sub_total / max(total, 1))
             offsets = _offsets(min(sub_total, WINDOW), share)
             for offset in offsets:
-                limit = min(PAGE, WINDOW - offset)
-                report.requests.append({"purpose": "page", "params": _fmt(sub) + f"&limit={limit}&offset={offset}"})
+                report.requests.append(
+                    {"purpose": "page", "params": _fmt(sub) + f"&limit={_limit(offset)}&offset={offset}"}
+                )
             pages = await asyncio.gather(*(page(sub, o) for o in offsets))
             for results in pages:
                 for record in results:
