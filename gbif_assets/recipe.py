@@ -281,7 +281,7 @@ class Download(_Model):
     max_bytes: Annotated[int, Field(ge=1024)] = 25_000_000
     resize_max_side: Annotated[int, Field(ge=16)] | None = None
     gbif_image_cache_fallback: bool = True
-    decode_check: bool = True  # decode every image (draft mode); off = header, pixel limit and end marker only
+    decode_check: bool = True  # every image must decode (JPEG: structure walk); off: header, pixels, end marker
 
 
 _CRON_RANGES = ((0, 59), (0, 23), (1, 31), (1, 12), (0, 7))

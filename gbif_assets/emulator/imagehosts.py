@@ -120,6 +120,17 @@ def image_bytes(url: str, size_range: tuple[int, int] = (30_000, 80_000)) -> byt
     return base[:2] + segment + base[2:]
 
 
+def png_bytes(url: str) -> bytes:
+    """A deterministic, valid PNG for a URL (publishers serve PNGs too): a small gradient whose
+    colours come from the URL's hash, so its bytes differ per URL."""
+    red, green, blue = hashlib.sha256(url.encode()).digest()[:3]
+    img = Image.merge("RGB", [Image.linear_gradient("L").resize((96, 64)).point(lambda v, c=c: (v + c) % 256)
+                              for c in (red, green, blue)])  # fmt: skip
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
 @functools.lru_cache(maxsize=1)
 def bomb_jpeg() -> bytes:
     """A small JPEG whose header claims 60,000 x 60,000 pixels (3.6 Gpx): a decompression bomb.
@@ -282,6 +293,8 @@ class _Host:
             return web.Response(
                 body=gzip.compress(body), headers={"Content-Type": "image/jpeg", "Content-Encoding": "gzip"}
             )
+        if request.path.endswith(".png"):
+            return web.Response(body=png_bytes(url), headers={"Content-Type": "image/png"})
         return web.Response(body=body, headers={"Content-Type": "image/jpeg"})
 
     async def _huge(self, request: web.BaseRequest, size: int, chunked: bool) -> web.StreamResponse:

@@ -928,7 +928,9 @@ class FetchEngine:
         else:
             raise _Failure("too_many_redirects", detail=f"more than {MAX_REDIRECTS} redirects from {url[:200]}")
         try:  # verification runs after the connection slot is released
-            verified = settle_streamed(streamed, self.config.max_pixels) if streamed.ends else None
+            verified = (
+                settle_streamed(streamed, self.config.max_pixels, self.config.decode_check) if streamed.ends else None
+            )
             if verified is None:
                 verified = await self._pool.verify(
                     tmp,
@@ -960,7 +962,8 @@ class FetchEngine:
             cand.dest_dir.mkdir(parents=True, exist_ok=True)
             folder = self._made_dirs[cand.dest_dir] = str(cand.dest_dir)
         tmp = f"{folder}/.{cand.url_sha1}.{random.getrandbits(32):08x}.part"
-        streamed = Streamed(ends=not self.config.decode_check and not self.config.resize_max_side)
+        resize = bool(self.config.resize_max_side)
+        streamed = Streamed(ends=not resize, keep=self.config.decode_check and not resize)
         try:
             # a raw descriptor: the chunks are large, so a buffered writer only adds work
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)

@@ -1,10 +1,11 @@
 """Image checks in worker processes, fed from the event loop without threads.
 
-Decoding (JPEG draft mode) and resizing take 0.3 ms or more of CPU per photo, so they run in
-worker processes on the other cores. `ProcessPoolExecutor` hands every task through a feeder
-thread and back through a result thread; in the event-loop process that hand-off cost 0.3 ms of
-CPU per image, as much as the decode itself. Here each worker has a pipe in each direction, read
-by the event loop directly, and the requests of one loop turn go out as one message.
+Decoding (JPEGs the structure walk does not vouch for, other formats) and resizing take 0.3 ms
+or more of CPU per photo, so they run in worker processes on the other cores.
+`ProcessPoolExecutor` hands every task through a feeder thread and back through a result thread;
+in the event-loop process that hand-off cost 0.3 ms of CPU per image, as much as the decode
+itself. Here each worker has a pipe in each direction, read by the event loop directly, and the
+requests of one loop turn go out as one message.
 
 A worker that dies (a decoder crash on a hostile file) fails only the files it held, as
 `decode_error`, and is replaced; ProcessPoolExecutor would have broken the pool and the run.

@@ -181,8 +181,9 @@ def test_gbif_image_cache_rescues_dead_links(hosts: ImageHosts, tmp_path: Path) 
     assert cache_attempts[0]["url"] == url and cache_attempts[0]["final_url"].endswith(f"/occurrence/42/media/{md5}")
 
 
-def _manifest(path: Path, base: str, n: int, label: str = "L1") -> Path:
-    urls = [f"{base}/resume/{i}.jpg" for i in range(n)]
+def _manifest(path: Path, base: str, n: int, label: str = "L1", png_every: int = 0) -> Path:
+    """`png_every`: every n-th URL a PNG, which the decode check leaves to the image-check workers."""
+    urls = [f"{base}/resume/{i}.{'png' if png_every and i % png_every == 0 else 'jpg'}" for i in range(n)]
     table = pa.table(
         {
             "label": [label] * n,
@@ -212,13 +213,13 @@ def test_kill_dash_nine_then_resume(hosts: ImageHosts, tmp_path: Path) -> None:
     the attempts written before the kill (chunks, every progress tick) are in the log after."""
     home = tmp_path / "home"
     total = 80  # 8 s at the slow host's pace: the kill comes after the first attempt chunk (3 s)
-    manifest = _manifest(tmp_path / "manifest.parquet", hosts.base_urls["slow"], total)
+    manifest = _manifest(tmp_path / "manifest.parquet", hosts.base_urls["slow"], total, png_every=4)
     env = {**os.environ, "GBIF_ASSETS_ALLOW_PRIVATE_HOSTS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "gbif_assets.fetch", str(manifest), "L1", str(home)], env=env)
     deadline = time.monotonic() + 30
     chunks = home / "metadata" / "downloads"
     while time.monotonic() < deadline and not (
-        len(list(home.glob("images/*/L1/*.jpg"))) >= 8 and list(chunks.glob("L1.parquet.chunk-*"))
+        len(list(home.glob("images/*/L1/*.[jp][pn]g"))) >= 8 and list(chunks.glob("L1.parquet.chunk-*"))
     ):
         time.sleep(0.05)
     workers = [p for p in Path("/proc").glob("[0-9]*") if _cmdline(p).endswith(f"--parent {proc.pid}")]
@@ -228,7 +229,7 @@ def test_kill_dash_nine_then_resume(hosts: ImageHosts, tmp_path: Path) -> None:
     assert workers, "the run had started its image-check workers before the kill"
     orphans = [p for p in Path("/proc").glob("[0-9]*") if _cmdline(p).endswith(f"--parent {proc.pid}")]
     assert orphans == []  # the image-check workers died with their parent
-    finished = {p: p.stat().st_mtime_ns for p in home.glob("images/*/L1/*.jpg")}
+    finished = {p: p.stat().st_mtime_ns for p in home.glob("images/*/L1/*.[jp][pn]g")}
     assert 8 <= len(finished) < total
     for path in finished:  # every file at a final path is a whole, valid image
         with Image.open(path) as img:

@@ -15,10 +15,12 @@ from PIL import Image
 
 from gbif_assets.emulator.imagehosts import bomb_jpeg, image_bytes
 from gbif_assets.fetch.verify import (
+    BODY_BYTES,
     HEAD_BYTES,
     OPEN_FORMATS,
     Streamed,
     Verified,
+    jpeg_decodes_cleanly,
     jpeg_frame_size,
     settle_streamed,
     verify_image,
@@ -112,8 +114,8 @@ def test_engine_without_decode_still_refuses_every_fake_image(hosts, tmp_path: P
     assert len(kept) == 2 and all(verify_image(str(p), MAX_PIXELS).ok for p in kept)
 
 
-def _streamed(data: bytes, chunk: int = 65_536) -> Streamed:
-    streamed = Streamed()
+def _streamed(data: bytes, chunk: int = 65_536, keep: bool = False) -> Streamed:
+    streamed = Streamed(keep=keep)
     for start in range(0, len(data), chunk):
         streamed.update(data[start : start + chunk])
     return streamed
@@ -138,20 +140,28 @@ def test_streamed_bytes_refuse_a_bomb_and_leave_doubtful_files_to_the_file_check
 
 
 def _jpegs() -> list[bytes]:
-    """JPEGs with the header segments photos carry: JFIF, EXIF, ICC, Adobe, comments, progressive, grey, CMYK."""
+    """JPEGs with the header segments and the scan layouts photos carry: JFIF, EXIF, ICC, Adobe,
+    comments; 4:2:0, 4:2:2, 4:4:4, progressive, restart markers, grey, CMYK."""
     exif = Image.Exif()
     exif[0x010F], exif[0x0128], exif[0x011A] = "Camera", 2, 300.0
     variants = [
         ("RGB", {"exif": exif.tobytes(), "icc_profile": bytes(range(256)) * 8, "quality": 90}),
         ("RGB", {"progressive": True, "optimize": True, "comment": b"field photo", "dpi": (300, 300)}),
         ("RGB", {"restart_marker_blocks": 1, "xmp": b"<x:xmpmeta/>"}),
+        ("RGB", {"progressive": True, "restart_marker_rows": 1, "subsampling": 1}),
+        ("RGB", {"subsampling": 0, "quality": 95}),
         ("L", {}),
+        ("L", {"progressive": True}),
         ("CMYK", {}),
     ]
+    noise = Image.effect_noise((97, 61), 60)  # a busy picture: scan data with FF bytes and every code length
+    picture = Image.merge(
+        "RGB", (noise, noise.transpose(Image.Transpose.FLIP_LEFT_RIGHT), Image.new("L", (97, 61), 90))
+    )
     made = [image_bytes("https://h/walk.jpg")]
     for mode, options in variants:
         buffer = io.BytesIO()
-        Image.new(mode, (97, 61)).save(buffer, "JPEG", **options)
+        picture.convert(mode).save(buffer, "JPEG", **options)
         made.append(buffer.getvalue())
     return made
 
@@ -190,6 +200,84 @@ def test_the_jpeg_header_walk_answers_only_where_pillow_reads_the_same_size() ->
             with Image.open(io.BytesIO(damaged), formats=OPEN_FORMATS) as img:
                 assert (img.format, img.size) == ("JPEG", size), damaged[:64]
     assert answered > tried // 5  # the property was tested, not dodged
+
+
+def _damaged_anywhere(data: bytes, rng: random.Random) -> bytes:
+    """One to three damages anywhere in the file: a byte changed or flipped, a marker put in, bytes
+    dropped or repeated, an end marker after a cut."""
+    damaged = bytearray(data)
+    for _ in range(rng.choice((1, 1, 2, 3))):
+        at, kind = rng.randrange(2, len(damaged) - 2), rng.randrange(6)
+        if kind == 0:
+            damaged[at] = rng.randrange(256)
+        elif kind == 1:
+            damaged[at] ^= 1 << rng.randrange(8)
+        elif kind == 2:
+            damaged[at:at] = bytes((0xFF, rng.randrange(256)))
+        elif kind == 3:
+            del damaged[at : at + rng.randrange(1, 64)]
+        elif kind == 4:
+            damaged[at:at] = damaged[rng.randrange(len(damaged)) :][: rng.randrange(1, 40)]
+        else:
+            damaged[at:] = b"\xff\xd9"
+    return bytes(damaged)
+
+
+def _decodes(data: bytes, draft: bool) -> bool:
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if draft:
+                img.draft("L", (max(1, img.width // 8), max(1, img.height // 8)))
+            img.load()
+    except Exception:
+        return False
+    return True
+
+
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF:UserWarning", "ignore:Tag data larger:UserWarning")
+def test_the_jpeg_walk_vouches_only_for_files_pillow_decodes() -> None:
+    """With `decode_check` on, a JPEG the walk vouches for is kept without a decode: so no file it
+    vouches for may fail Pillow's decode, full or draft. Seeded damage anywhere in real JPEGs of
+    every layout holds it to that."""
+    rng, vouched, broken = random.Random(11), 0, 0
+    for data in _jpegs():
+        assert jpeg_decodes_cleanly(data)  # every clean layout takes the fast path
+        for _ in range(500):
+            damaged = _damaged_anywhere(data, rng)
+            if jpeg_decodes_cleanly(damaged):
+                vouched += 1
+                assert _decodes(damaged, draft=False) and _decodes(damaged, draft=True), damaged[:64]
+            elif not _decodes(damaged, draft=False):
+                broken += 1
+    assert vouched > 1500 and broken > 500  # the property was tested on both sides, not dodged
+
+
+def test_damaged_scan_data_decodes_so_the_walk_need_not_read_it() -> None:
+    """Why a walk of the structure is as good as a decode: libjpeg only warns about damaged
+    entropy-coded data (and Pillow does not raise), so it is the markers that stop a decode."""
+    data = bytearray(_jpegs()[5])
+    rng, scan = random.Random(3), data.index(b"\xff\xda") + 20
+    for at in rng.sample(range(scan, len(data) - 4), 200):
+        if 0xFF not in data[at - 1 : at + 2]:
+            data[at] = rng.choice([b for b in range(255) if b != data[at]])
+    assert jpeg_decodes_cleanly(bytes(data)) and _decodes(bytes(data), draft=False)
+
+
+def test_with_the_decode_check_streamed_jpegs_are_settled_by_the_walk(tmp_path: Path) -> None:
+    """decode_check on: a kept JPEG body the walk vouches for needs no worker; anything else (a
+    PNG, a broken scan, a body past BODY_BYTES) is left to the decode on the file."""
+    data = image_bytes("https://h/kept.jpg")
+    settled = settle_streamed(_streamed(data, 1000, keep=True), MAX_PIXELS, decode=True)
+    assert settled is not None and settled.ok and settled.sha256 == hashlib.sha256(data).hexdigest()
+    middle = (data.find(b"\xff\xda") + len(data)) // 2
+    broken = data[:middle] + b"\xff\xc0\x00\x11" + data[middle + 4 :]
+    comments = b"".join(b"\xff\xfe\xff\xff" + bytes(65_533) for _ in range(BODY_BYTES // 65_000))
+    large = data[:2] + comments + data[2:]
+    for doubtful in (_png(), broken, large):
+        assert settle_streamed(_streamed(doubtful, keep=True), MAX_PIXELS, decode=True) is None
+    path = tmp_path / "large.jpg"
+    path.write_bytes(large)
+    assert verify_image(str(path), MAX_PIXELS, decode=True).ok  # walked from disk
 
 
 def test_headers_the_walk_leaves_to_pillow() -> None:
