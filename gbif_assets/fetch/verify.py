@@ -166,22 +166,23 @@ def _plain_app(head: bytes | bytearray, marker: int, body: int, after: int) -> b
     return not (marker == 0xED and head.startswith(b"Photoshop 3.0\0", body, after))
 
 
-_HUFFMAN_FRAMES = {0xC0: False, 0xC1: False, 0xC2: True}  # the Huffman-coded frames libjpeg decodes: progressive?
+_HUFFMAN_FRAMES = frozenset({0xC0, 0xC1, 0xC2})  # baseline, extended, progressive: the Huffman frames libjpeg decodes
 _TABLE_SEGMENTS = frozenset({0xC4, 0xDB, 0xDD, 0xFE, *range(0xE0, 0xF0)})  # allowed between scans
 _SCAN_END = re.compile(
     rb"\xff[^\x00]|\xff\Z"
 )  # in entropy-coded data, FF 00 is a data byte; any other FF starts a marker
 
 
-@functools.lru_cache(maxsize=64)
-def _huffman_tables(segment: bytes) -> tuple[frozenset[int], frozenset[int]] | None:
-    """The (DC, AC) table numbers a DHT segment's body defines, or None where libjpeg's
-    `get_dht` and `jpeg_make_d_derived_tbl` would stop: a bad class or number, more than 256 codes,
-    a code set that overflows its lengths (the all-ones code included), or a DC symbol above 11.
-    Cached: most images repeat their encoder's tables."""
-    dc: set[int] = set()
-    ac: set[int] = set()
-    at = 0
+Frame = tuple[bool, tuple[tuple[int, int, int, int], ...]]  # progressive?, (id, h, v, quantization table) per component
+
+
+@functools.lru_cache(maxsize=256)
+def _huffman_tables(segment: bytes) -> tuple[int, int] | None:
+    """The DC and AC table numbers a DHT segment's body defines (bit masks), or None where
+    libjpeg's `get_dht` and `jpeg_make_d_derived_tbl` would stop: a bad class or number, more than
+    256 codes, a code set that overflows its lengths (the all-ones code included), or a DC symbol
+    above 11. Cached, as the other segment checks: most images repeat their encoder's tables."""
+    masks, at = [0, 0], 0
     while at < len(segment):
         if at + 17 > len(segment) or segment[at] >> 4 > 1 or segment[at] & 0x0F > 3:
             return None
@@ -197,29 +198,70 @@ def _huffman_tables(segment: bytes) -> tuple[frozenset[int], frozenset[int]] | N
             code <<= 1
         if segment[at] >> 4 == 0 and max(segment[at + 17 : at + 17 + total], default=0) > 11:
             return None
-        (ac if segment[at] >> 4 else dc).add(segment[at] & 0x0F)
+        masks[segment[at] >> 4] |= 1 << (segment[at] & 0x0F)
         at += 17 + total
-    return frozenset(dc), frozenset(ac)
+    return masks[0], masks[1]
 
 
-def _quant_tables(segment: bytes | memoryview) -> list[int] | None:
-    """The table numbers a DQT segment's body defines (8- or 16-bit, 0-3, filling it), or None."""
-    numbers, at = [], 0
+@functools.lru_cache(maxsize=256)
+def _quant_tables(segment: bytes) -> int | None:
+    """The table numbers a DQT segment's body defines (a bit mask; 8- or 16-bit tables 0-3
+    filling it), or None."""
+    mask, at = 0, 0
     while at < len(segment):
         if segment[at] >> 4 > 1 or segment[at] & 0x0F > 3:
             return None
-        numbers.append(segment[at] & 0x0F)
+        mask |= 1 << (segment[at] & 0x0F)
         at += 65 if segment[at] >> 4 == 0 else 129
-    return numbers if at == len(segment) else None
+    return mask if at == len(segment) else None
 
 
-def _sampling_ok(components: dict[int, tuple[int, int, int]]) -> bool:
-    """Sampling factors of 1-4 whose ratios to the largest are whole (libjpeg's upsamplers)."""
-    factors = [(h, v) for h, v, _ in components.values()]
-    if any(not (1 <= h <= 4 and 1 <= v <= 4) for h, v in factors):
+@functools.lru_cache(maxsize=256)
+def _frame(marker: int, segment: bytes) -> Frame | None:
+    """A Huffman frame header libjpeg decodes: 8 bits, a size, 1, 3 or 4 distinct components
+    with tables 0-3 and sampling factors of 1-4 whose ratios to the largest are whole."""
+    if len(segment) < 6 or segment[0] != 8 or not (segment[1] | segment[2]) or not (segment[3] | segment[4]):
+        return None
+    count = segment[5]
+    if count not in (1, 3, 4) or len(segment) != 6 + 3 * count:
+        return None
+    components = tuple(
+        (cid, hv >> 4, hv & 0x0F, tq) for cid, hv, tq in (segment[6 + 3 * c : 9 + 3 * c] for c in range(count))
+    )
+    if len({c[0] for c in components}) != count or any(
+        not (1 <= h <= 4 and 1 <= v <= 4) or tq > 3 for _, h, v, tq in components
+    ):
+        return None
+    most_h, most_v = max(c[1] for c in components), max(c[2] for c in components)
+    if any(most_h % h or most_v % v for _, h, v, _ in components):
+        return None
+    return marker == 0xC2, components
+
+
+@functools.lru_cache(maxsize=256)
+def _scan_ok(header: bytes, frame: Frame, first: bool, dc: int, ac: int, quant: int) -> bool:
+    """A start-of-scan header libjpeg accepts (`jdinput`, `jdphuff`), whose Huffman and
+    quantization tables (bit masks) are defined; a sequential frame has one scan of every component."""
+    progressive, components = frame
+    count = header[0] if header else 0
+    if not 1 <= count <= 4 or len(header) != 4 + 2 * count:
         return False
-    most_h, most_v = max(h for h, _ in factors), max(v for _, v in factors)
-    return all(most_h % h == 0 and most_v % v == 0 for h, v in factors)
+    by_id = {cid: (h, v, tq) for cid, h, v, tq in components}
+    ids, tables = header[1 : 1 + 2 * count : 2], header[2 : 2 + 2 * count : 2]
+    start, stop, approximation = header[-3:]
+    high, low = approximation >> 4, approximation & 0x0F
+    if len(set(ids)) != count or any(i not in by_id or not quant >> by_id[i][2] & 1 for i in ids):
+        return False
+    if count > 1 and sum(by_id[i][0] * by_id[i][1] for i in ids) > 10:  # blocks per MCU
+        return False
+    if not progressive:
+        return (first and count == len(components) and (start, stop, approximation) == (0, 63, 0)
+                and all(dc >> (t >> 4) & 1 and ac >> (t & 0x0F) & 1 for t in tables))  # fmt: skip
+    if start == 0:
+        tables_ok = stop == 0 and (high > 0 or all(dc >> (t >> 4) & 1 for t in tables))
+    else:
+        tables_ok = start <= stop <= 63 and count == 1 and all(ac >> (t & 0x0F) & 1 for t in tables)
+    return tables_ok and (not high or low == high - 1) and low <= 13
 
 
 def jpeg_decodes_cleanly(data: bytes) -> bool:
@@ -230,17 +272,14 @@ def jpeg_decodes_cleanly(data: bytes) -> bool:
     stops a decode is the marker structure: this walks every segment and every scan as libjpeg
     reads them, and vouches only for the plain case. Huffman frame (baseline, extended or
     progressive) of 8 bits; tables well formed, defined before a scan uses them; scans whose
-    components and parameters libjpeg accepts (a sequential frame has one scan of every
-    component); nothing but restart markers inside the scans (and those only after DRI); no fill
-    bytes, no unknown segment; the end-of-image marker last. A test holds it to Pillow's full
-    and draft decodes on seeded mutations of real JPEGs."""
+    components and parameters libjpeg accepts; nothing but restart markers inside the scans (and
+    those only after DRI); no fill bytes, no unknown segment; the end-of-image marker last. A test
+    holds it to Pillow's full and draft decodes on seeded mutations of real JPEGs."""
     if not data.startswith(b"\xff\xd8"):
         return False
     end, at, scans, restart = len(data), 2, 0, 0
-    frame: tuple[bool, dict[int, tuple[int, int, int]]] | None = None  # (progressive, id -> (h, v, table))
-    dc: set[int] = set()
-    ac: set[int] = set()
-    quant: set[int] = set()
+    frame: Frame | None = None
+    dc = ac = quant = 0  # the tables defined so far, as bit masks
     while at + 2 <= end and data[at] == 0xFF:
         marker = data[at + 1]
         if marker == 0xD9:
@@ -249,42 +288,8 @@ def jpeg_decodes_cleanly(data: bytes) -> bool:
         body, after = at + 4, at + 2 + length
         if length < 2 or after > end:
             return False
-        if marker in _HUFFMAN_FRAMES:
-            if frame is not None or length < 8 or data[body] != 8:
-                return False
-            height, width, count = (
-                data[body + 1] << 8 | data[body + 2],
-                data[body + 3] << 8 | data[body + 4],
-                data[body + 5],
-            )
-            if not (height and width and count in (1, 3, 4) and length == 8 + 3 * count):
-                return False
-            fields = [data[body + 6 + 3 * c : body + 9 + 3 * c] for c in range(count)]
-            components = {cid: (hv >> 4, hv & 0x0F, tq) for cid, hv, tq in fields}
-            if (
-                len(components) != count
-                or not _sampling_ok(components)
-                or max(tq for _, _, tq in components.values()) > 3
-            ):
-                return False
-            frame = (_HUFFMAN_FRAMES[marker], components)
-        elif marker == 0xC4:
-            tables = _huffman_tables(data[body:after])
-            if tables is None:
-                return False
-            dc.update(tables[0])
-            ac.update(tables[1])
-        elif marker == 0xDB:
-            numbers = _quant_tables(data[body:after])
-            if numbers is None:
-                return False
-            quant.update(numbers)
-        elif marker == 0xDD:
-            if length != 4:
-                return False
-            restart = data[body] << 8 | data[body + 1]
-        elif marker == 0xDA:
-            if frame is None or not _scan_ok(data[body:after], frame, scans, dc, ac, quant):
+        if marker == 0xDA:
+            if frame is None or not _scan_ok(data[body:after], frame, not scans, dc, ac, quant):
                 return False
             scans += 1
             at = after
@@ -296,40 +301,25 @@ def jpeg_decodes_cleanly(data: bytes) -> bool:
             if found is None:
                 return False
             continue
+        if marker == 0xC4:
+            if (tables := _huffman_tables(data[body:after])) is None:
+                return False
+            dc, ac = dc | tables[0], ac | tables[1]
+        elif marker == 0xDB:
+            if (numbers := _quant_tables(data[body:after])) is None:
+                return False
+            quant |= numbers
+        elif marker in _HUFFMAN_FRAMES:
+            if frame is not None or (frame := _frame(marker, data[body:after])) is None:
+                return False
+        elif marker == 0xDD:
+            if length != 4:
+                return False
+            restart = data[body] << 8 | data[body + 1]
         elif marker not in _TABLE_SEGMENTS:
             return False
         at = after
     return False
-
-
-def _scan_ok(
-    header: bytes,
-    frame: tuple[bool, dict[int, tuple[int, int, int]]],
-    scans: int,
-    dc: set[int],
-    ac: set[int],
-    quant: set[int],
-) -> bool:
-    """A start-of-scan header libjpeg accepts, whose tables are defined (`jdinput`, `jdphuff`)."""
-    progressive, components = frame
-    count = header[0] if header else 0
-    if not 1 <= count <= 4 or len(header) != 4 + 2 * count:
-        return False
-    ids, tables = header[1 : 1 + 2 * count : 2], header[2 : 2 + 2 * count : 2]
-    start, stop, approximation = header[-3:]
-    high, low = approximation >> 4, approximation & 0x0F
-    if len(set(ids)) != count or any(i not in components or components[i][2] not in quant for i in ids):
-        return False
-    if count > 1 and sum(components[i][0] * components[i][1] for i in ids) > 10:  # blocks per MCU
-        return False
-    if not progressive:
-        return (not scans and count == len(components) and (start, stop, approximation) == (0, 63, 0)
-                and all(t >> 4 in dc and t & 0x0F in ac for t in tables))  # fmt: skip
-    if start == 0:
-        tables_ok = stop == 0 and (high > 0 or all(t >> 4 in dc for t in tables))
-    else:
-        tables_ok = start <= stop <= 63 and count == 1 and all(t & 0x0F in ac for t in tables)
-    return tables_ok and (not high or low == high - 1) and low <= 13
 
 
 def settle_streamed(streamed: Streamed, max_pixels: int, decode: bool = False) -> Verified | None:
