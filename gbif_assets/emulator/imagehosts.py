@@ -50,6 +50,7 @@ FAULTS = (
     "redirect_invalid",
     "drip",
     "compressed",
+    "moved",
 )
 
 
@@ -249,6 +250,9 @@ class _Host:
                 self._count(302)
                 target = f"{request.path}?hop={hop + 1}" if hop + 1 < hops else f"/ok{request.path}"
                 raise web.HTTPFound(target)
+        elif fault == "moved" and request.path.startswith("/moved/"):  # some images moved to another host
+            self._count(302)
+            raise web.HTTPFound(f"{params['to']}{request.path_qs[len('/moved') :]}")
         elif fault == "redirect_loop":
             self._count(302)
             raise web.HTTPFound(request.path_qs)

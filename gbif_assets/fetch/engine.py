@@ -167,6 +167,17 @@ class _Failure(Exception):
     ) -> None:
         super().__init__(detail or error)
         self.error, self.status, self.detail, self.retry_after = error, status, detail, retry_after
+        self.host: str | None = None  # the host that failed: a redirect's target, not always the link's own
+
+
+@contextlib.contextmanager
+def _charged_to(host: str) -> Iterator[None]:
+    """Mark failures raised inside as this host's (see _Failure.host)."""
+    try:
+        yield
+    except _Failure as failure:
+        failure.host = failure.host or host
+        raise
 
 
 class _Breaker:
@@ -796,7 +807,8 @@ class FetchEngine:
                 path, verified, final_url, status = await self._attempt(session, cand, url)
             except _Failure as failure:
                 last = failure
-                self._breaker.record(host, failure.error, proven=self._host(host).answers > 0)
+                failed = failure.host or host  # a dead redirect target does not close the link's own host
+                self._breaker.record(failed, failure.error, proven=self._host(failed).answers > 0)
                 self._log(
                     cand,
                     url,
@@ -816,10 +828,10 @@ class FetchEngine:
                 else:
                     failures += 1
                     give_up = failures > self.config.retries
-                refused = self._host(host).refused_in_a_row if failure.error in ("http_429", "http_5xx") else 0
+                refused = self._host(failed).refused_in_a_row if failure.error in ("http_429", "http_5xx") else 0
                 if refused >= REFUSED_ROUNDS_BEFORE_HOLD * self.config.per_host:
                     # a host that turns every request away is not pacing us: let reserves elsewhere take over
-                    self._breaker.hold(host, self.config.breaker_open_s,
+                    self._breaker.hold(failed, self.config.breaker_open_s,
                                        f"{refused} requests in a row refused ({failure.error}); skipped for "
                                        f"{self.config.breaker_open_s:.0f} s")  # fmt: skip
                     break
@@ -829,7 +841,9 @@ class FetchEngine:
                 if delay is not None and delay > self.config.backoff_max_s:
                     # a pause longer than a run waits: leave the host alone until then, and let
                     # reserves on other hosts take its candidates (a later run tries it again)
-                    self._breaker.hold(host, delay, f"the host asked for a {delay:.0f} s pause (Retry-After); skipped")
+                    self._breaker.hold(
+                        failed, delay, f"the host asked for a {delay:.0f} s pause (Retry-After); skipped"
+                    )
                     break
                 if failure.error == "http_429" and delay is not None:
                     continue  # the whole host waits out Retry-After (see _HostLimit.acquire)
@@ -870,61 +884,62 @@ class FetchEngine:
                     "blocked",
                     detail=f"{host} is a loopback, private, link-local or multicast address",
                 )
-            limit = self._host(host)
-            ticket = await limit.acquire()  # host first: a busy host never holds global slots
-            try:
-                async with self._global:
-                    if self._breaker.is_open(host):  # opened while this request waited for a slot
-                        raise _Failure(self._breaker.error(host), detail=self._breaker.why.get(host))
-                    async with session.get(target, allow_redirects=False) as response:
-                        refused = response.status == 429 or response.status >= 500
-                        retry_after = (
-                            retry_after_seconds(response.headers.get("Retry-After"), None) if refused else None
-                        )
-                        limit.answered(ticket, response.status, retry_after)
-                        if refused:
-                            kind = "http_429" if response.status == 429 else "http_5xx"
-                            raise _Failure(kind, response.status, retry_after=retry_after)
-                        if response.status in (301, 302, 303, 307, 308):
-                            location = response.headers.get("Location")
-                            if not location:
-                                raise _Failure("http_3xx", response.status, "redirect without Location")
-                            try:
-                                current = urljoin(current, location)
-                            except ValueError as exc:  # the next hop's checks refuse what parses
-                                raise _Failure(
-                                    "blocked", response.status, f"redirect to {location[:200]!r}: {exc}"
-                                ) from None
-                            continue
-                        tmp, status, streamed = await self._download(response, cand)
-                        break
-            except _Failure:
-                raise
-            except BlockedAddress as exc:
-                raise _Failure("blocked", detail=str(exc)) from None
-            except aiohttp.ClientConnectorError as exc:
-                if isinstance(exc.os_error, BlockedAddress):
-                    raise _Failure("blocked", detail=str(exc.os_error)) from None
-                kind = "dns" if isinstance(exc, aiohttp.ClientConnectorDNSError) else "connect"
-                raise _Failure(kind, detail=str(exc)[:300]) from None
-            except (TimeoutError, aiohttp.ServerTimeoutError) as exc:  # aiohttp names the read and connect timeouts
-                why = str(exc) or f"not finished within {2 * self.config.timeout_s:g} s (the total timeout)"
-                raise _Failure("timeout", detail=why[:300]) from None
-            except aiohttp.ClientPayloadError as exc:
-                raise _Failure("truncated", detail=str(exc)[:300]) from None
-            except (
-                aiohttp.ServerDisconnectedError,
-                aiohttp.ClientOSError,
-                ConnectionResetError,
-            ) as exc:
-                raise _Failure("reset", detail=str(exc)[:300]) from None
-            except aiohttp.InvalidURL as exc:
-                raise _Failure("blocked", detail=f"invalid URL {exc}") from None
-            except aiohttp.ClientError as exc:  # not HTTP: a bad status line, oversized headers, broken framing
-                raise _Failure("protocol", detail=f"{type(exc).__name__}: {exc}"[:300]) from None
-            finally:
-                limit.release()
-                self._notify()
+            with _charged_to(host):  # a failure at a redirect's target counts against that host
+                limit = self._host(host)
+                ticket = await limit.acquire()  # host first: a busy host never holds global slots
+                try:
+                    async with self._global:
+                        if self._breaker.is_open(host):  # opened while this request waited for a slot
+                            raise _Failure(self._breaker.error(host), detail=self._breaker.why.get(host))
+                        async with session.get(target, allow_redirects=False) as response:
+                            refused = response.status == 429 or response.status >= 500
+                            retry_after = (
+                                retry_after_seconds(response.headers.get("Retry-After"), None) if refused else None
+                            )
+                            limit.answered(ticket, response.status, retry_after)
+                            if refused:
+                                kind = "http_429" if response.status == 429 else "http_5xx"
+                                raise _Failure(kind, response.status, retry_after=retry_after)
+                            if response.status in (301, 302, 303, 307, 308):
+                                location = response.headers.get("Location")
+                                if not location:
+                                    raise _Failure("http_3xx", response.status, "redirect without Location")
+                                try:
+                                    current = urljoin(current, location)
+                                except ValueError as exc:  # the next hop's checks refuse what parses
+                                    raise _Failure(
+                                        "blocked", response.status, f"redirect to {location[:200]!r}: {exc}"
+                                    ) from None
+                                continue
+                            tmp, status, streamed = await self._download(response, cand)
+                            break
+                except _Failure:
+                    raise
+                except BlockedAddress as exc:
+                    raise _Failure("blocked", detail=str(exc)) from None
+                except aiohttp.ClientConnectorError as exc:
+                    if isinstance(exc.os_error, BlockedAddress):
+                        raise _Failure("blocked", detail=str(exc.os_error)) from None
+                    kind = "dns" if isinstance(exc, aiohttp.ClientConnectorDNSError) else "connect"
+                    raise _Failure(kind, detail=str(exc)[:300]) from None
+                except (TimeoutError, aiohttp.ServerTimeoutError) as exc:  # aiohttp names the read and connect timeouts
+                    why = str(exc) or f"not finished within {2 * self.config.timeout_s:g} s (the total timeout)"
+                    raise _Failure("timeout", detail=why[:300]) from None
+                except aiohttp.ClientPayloadError as exc:
+                    raise _Failure("truncated", detail=str(exc)[:300]) from None
+                except (
+                    aiohttp.ServerDisconnectedError,
+                    aiohttp.ClientOSError,
+                    ConnectionResetError,
+                ) as exc:
+                    raise _Failure("reset", detail=str(exc)[:300]) from None
+                except aiohttp.InvalidURL as exc:
+                    raise _Failure("blocked", detail=f"invalid URL {exc}") from None
+                except aiohttp.ClientError as exc:  # not HTTP: a bad status line, oversized headers, broken framing
+                    raise _Failure("protocol", detail=f"{type(exc).__name__}: {exc}"[:300]) from None
+                finally:
+                    limit.release()
+                    self._notify()
         else:
             raise _Failure("too_many_redirects", detail=f"more than {MAX_REDIRECTS} redirects from {url[:200]}")
         try:  # verification runs after the connection slot is released

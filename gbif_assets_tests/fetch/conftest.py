@@ -43,6 +43,7 @@ PROFILES = [
     HostProfile("brotli", "127.0.0.35", "compressed", {"encoding": "br"}),
     HostProfile("gzip_bomb", "127.0.0.36", "compressed", {"bomb_mb": 200}),
     HostProfile("gzip_cut", "127.0.0.37", "compressed", {"encoding": "gzip", "cut": True}),
+    HostProfile("moved", "127.0.0.38", "moved", {"to": "http://127.0.0.39:9"}),  # /moved/ -> nothing listens
 ]
 
 

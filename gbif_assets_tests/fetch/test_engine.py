@@ -170,6 +170,18 @@ def test_dead_links_are_replaced_from_the_same_stream(hosts: ImageHosts, tmp_pat
     assert all(o.candidate.rank >= 4 for o in kept if o.candidate.stream == "a")
 
 
+def test_a_dead_redirect_target_does_not_close_the_links_own_host(hosts: ImageHosts, tmp_path: Path) -> None:
+    """A publisher that moved some images to a host that is now dead: those links fail, and the
+    dead host's breaker opens; the publisher's own host stays open and every other image is kept."""
+    base = hosts.base_urls["moved"]
+    moved = [_cand(f"{base}/moved/{i}.jpg", tmp_path / "m", "m", rank=i) for i in range(30)]
+    here = [_cand(f"{base}/here/{i}.jpg", tmp_path / "h", "h", rank=i) for i in range(30)]
+    engine = _run(_config(concurrency=4, per_host=2), {"m": (moved, 30), "h": (here, 30)})
+    assert sorted(o.candidate.stream for o in engine.outcomes if o.ok) == ["h"] * 30
+    failed = [o.error for o in engine.outcomes if not o.ok]
+    assert len(failed) == 30 and set(failed) <= {"connect", "circuit_open"} and "circuit_open" in failed
+
+
 def test_gbif_image_cache_rescues_dead_links(hosts: ImageHosts, tmp_path: Path) -> None:
     url = f"{hosts.base_urls['dead404']}/gone/1.jpg"
     config = _config(gbif_image_cache_fallback=True, image_cache_base=f"{hosts.base_urls['ok']}/v1/image/cache")
