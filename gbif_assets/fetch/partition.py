@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 from gbif_assets.fetch.engine import Candidate, FetchConfig, FetchEngine, Outcome, Progress, host_of
 from gbif_assets.fetch.verify import verify_image
 
+MTIME_SLACK_S = 2.0  # a kept file modified later than this after its fetch is checked again
 KEPT_SCHEMA = pa.schema(
     [
         ("url", pa.string()), ("url_sha1", pa.string()), ("path", pa.string()), ("split", pa.string()),
@@ -226,6 +227,8 @@ def _download_label(
                 if not verified.ok:
                     found.unlink()
                     found = None
+                elif _same_bytes(record, found, home, verified.sha256):
+                    _trust_again(record, found)
                 else:
                     if found.suffix != f".{verified.ext}":  # resized to another format (a GIF becomes a PNG)
                         found = found.rename(found.with_suffix(f".{verified.ext}"))
@@ -378,12 +381,31 @@ def _elsewhere_in_manifest(manifest: Path, sha1s: list[str]) -> set[str]:
 
 def _needs_check(record: dict[str, Any] | None, found: Path, home: Path, side: int | None) -> bool:
     """A file on disk is trusted as its row says, unless there is no row, the row is for another
-    path, the size changed (cut or replaced since), or it is larger than a resize set since."""
+    path, the size changed (cut or replaced since), it was written after it was fetched (changed in
+    place, or copied without its times), or it is larger than a resize set since."""
     if record is None or record.get("path") != found.relative_to(home).as_posix():
         return True
-    if record.get("bytes") != found.stat().st_size:
+    stat = found.stat()
+    if record.get("bytes") != stat.st_size:
+        return True
+    fetched = record.get("fetched_at")
+    if fetched is not None and stat.st_mtime > fetched.timestamp() + MTIME_SLACK_S:
         return True
     return bool(side) and max(record.get("width") or 0, record.get("height") or 0) > (side or 0)
+
+
+def _same_bytes(record: dict[str, Any] | None, found: Path, home: Path, sha256: str | None) -> bool:
+    """Whether a re-checked file is the very one its row describes (same path, same content)."""
+    return (record is not None and record.get("fetched_at") is not None and sha256 == record.get("sha256")
+            and record.get("path") == found.relative_to(home).as_posix())  # fmt: skip
+
+
+def _trust_again(record: dict[str, Any], found: Path) -> None:
+    """A re-checked file whose bytes are the ones fetched keeps its row, and its modification
+    time goes back to the fetch, so the next run trusts it without a check (a copied dataset is
+    checked once)."""
+    fetched = int(record["fetched_at"].timestamp() * 1e9)
+    os.utime(found, ns=(found.stat().st_atime_ns, fetched))
 
 
 def _recovered_attempt(row: dict[str, Any], found: Path, size: int) -> dict[str, Any]:

@@ -383,6 +383,26 @@ def test_a_file_cut_since_it_was_kept_is_fetched_again(hosts: ImageHosts, tmp_pa
     assert victim.read_bytes() == whole
 
 
+def test_a_file_changed_in_place_since_it_was_kept_is_fetched_again(hosts: ImageHosts, tmp_path: Path) -> None:
+    """Same size, other bytes (a bad disk, a tool that rewrote it): its modification time is later
+    than its fetch, so it is checked, fails and is fetched again. A file that only had its times
+    changed (a copy without -p) is checked once and trusted again, not fetched."""
+    home = tmp_path / "home"
+    manifest = _manifest(tmp_path / "m.parquet", hosts.base_urls["ok"], 5)
+    assert download_label(manifest, "L1", home, _config()).kept == 5
+    victim, touched = sorted(home.glob("images/*/L1/*.jpg"))[:2]
+    whole = victim.read_bytes()
+    later = time.time() + 60
+    victim.write_bytes(b"\xff\xd8" + bytes(len(whole) - 2))
+    os.utime(victim, (later, later))
+    os.utime(touched, (later, later))
+    result = download_label(manifest, "L1", home, _config())
+    assert (result.kept, result.fetched) == (5, 1)
+    assert victim.read_bytes() == whole
+    assert touched.stat().st_mtime < later - 30  # trusted again: its time went back to its fetch
+    assert download_label(manifest, "L1", home, _config()).fetched == 0
+
+
 def test_rate_limited_host_is_paced_not_hammered(hosts: ImageHosts, tmp_path: Path) -> None:
     """A host allowing 20 requests/s: every image arrives, few 429s, never more than per_host."""
     stats = hosts.stats["rate20"]
