@@ -99,6 +99,14 @@ def test_retry_after_is_honoured(hosts: ImageHosts, tmp_path: Path, host: str) -
     assert gap >= 0.5, gap  # waited for Retry-After, not the 0.05 s backoff
 
 
+def test_a_retry_after_no_parser_reads_is_a_plain_429(hosts: ImageHosts, tmp_path: Path) -> None:
+    """`Retry-After: ²` (a Unicode digit that str.isdigit takes and float refuses) failed the whole label."""
+    cands = [_cand(f"{hosts.base_urls['rate429odd']}/odd/{i}.jpg", tmp_path, rank=i) for i in range(4)]
+    engine = _run(_config(retries=2), {"s": (cands, 4)})
+    assert sum(o.ok for o in engine.outcomes) == 4
+    assert any(a["error"] == "http_429" for a in engine.attempts)
+
+
 @pytest.mark.parametrize("by_name", [False, True], ids=["ip-literal", "hostname-resolving-to-loopback"])
 def test_private_addresses_refused_before_any_request(hosts: ImageHosts, tmp_path: Path, by_name: bool) -> None:
     before = hosts.stats["ok"].requests
