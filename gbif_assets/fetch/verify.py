@@ -102,13 +102,28 @@ class Streamed:
         return None if self.chunks is None else b"".join(self.chunks)
 
 
-def _refusal(fmt: str, width: int, height: int, max_pixels: int) -> Verified | None:
-    """Why a header alone rules the file out (format, pixel count), or None."""
+def _refusal(fmt: str, width: int, height: int, max_pixels: int, mode: str | None = None) -> Verified | None:
+    """Why a header alone rules the file out (format, pixel count, a colour mode that has no RGB
+    conversion), or None."""
     if fmt not in PIL_FORMATS:
         return Verified(False, "not_image", f"unsupported image format {fmt or 'unknown'}")
     if width * height > max_pixels:
         return Verified(False, "too_large", f"{width}x{height} pixels exceeds {max_pixels:,} (decompression bomb?)")
+    if mode is not None and not _converts(mode):
+        return Verified(False, "decode_error", f"colour mode {mode}: Pillow cannot convert it to both RGB and L")
     return None
+
+
+@functools.lru_cache(maxsize=64)
+def _converts(mode: str) -> bool:
+    """Whether Pillow converts an image of this mode to RGB and to L, as training loaders and the
+    near-duplicate hash ask: a LAB TIFF decodes, and then fails there."""
+    try:
+        Image.new(mode, (1, 1)).convert("RGB")
+        Image.new(mode, (1, 1)).convert("L")
+    except (ValueError, OSError, KeyError):
+        return False
+    return True
 
 
 def _ends_properly(tail: bytes, fmt: str) -> bool:
@@ -333,9 +348,12 @@ def settle_streamed(streamed: Streamed, max_pixels: int, decode: bool = False) -
         try:
             with Image.open(io.BytesIO(streamed.head), formats=OPEN_FORMATS) as img:
                 width, height = img.size
-                fmt = img.format or ""
+                fmt, mode = img.format or "", img.mode
         except Exception:  # a partial header or a bad file: verify_image judges the file itself
             return None
+        refusal = _refusal(fmt, width, height, max_pixels, mode)
+        if refusal is not None:
+            return refusal
     refusal = _refusal(fmt, width, height, max_pixels)
     if refusal is not None:
         return refusal
@@ -374,7 +392,7 @@ def verify_image(
         with Image.open(path, formats=OPEN_FORMATS) as img:
             width, height = img.size
             fmt = img.format or ""
-            refusal = _refusal(fmt, width, height, max_pixels)
+            refusal = _refusal(fmt, width, height, max_pixels, img.mode)
             if refusal is not None:
                 return refusal
             if resize_max_side or _needs_decode(path, fmt, decode):

@@ -204,7 +204,7 @@ def _near_duplicates(con: duckdb.DuckDBPyConnection, home: Path, max_distance: i
             with Image.open(home / path) as img:
                 img.draft("RGB", (64, 64))
                 key = int(str(imagehash.phash(img)), 16)
-        except OSError:
+        except (OSError, SyntaxError, ValueError):  # unreadable here is judged elsewhere (files_match_metadata)
             continue
         if seen_hashes:
             xor = np.bitwise_xor(np.array(seen_hashes, dtype=np.uint64), np.uint64(key))

@@ -38,7 +38,7 @@ def contact_sheets(home: Path, per_sheet: int = PER_SHEET) -> list[Path]:
                 with Image.open(home / rel) as img:
                     img.draft("RGB", (THUMB, THUMB))
                     thumb = ImageOps.contain(img.convert("RGB"), (THUMB, THUMB))
-            except OSError as exc:
+            except (OSError, ValueError) as exc:
                 raise ValueError(
                     f"contact sheet: cannot read {rel} ({exc.__class__.__name__}); rebuild its `images` partition"
                 ) from exc

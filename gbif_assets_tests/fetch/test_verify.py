@@ -86,6 +86,19 @@ def test_data_appended_after_the_image_is_decoded_not_rejected(tmp_path: Path) -
     assert verify_image(str(path), MAX_PIXELS, decode=False).ok
 
 
+@pytest.mark.parametrize("decode", [True, False])
+def test_a_colour_mode_loaders_cannot_convert_is_refused(tmp_path: Path, decode: bool) -> None:
+    """A LAB TIFF decodes, and then made the near-duplicate hash (convert('L')) fail the whole
+    image_metadata step; a grey loader would fail on it the same way. Streamed or from disk."""
+    buffer = io.BytesIO()
+    Image.new("LAB", (64, 64)).save(buffer, "TIFF")
+    path = tmp_path / "lab.tif"
+    path.write_bytes(buffer.getvalue())
+    streamed = settle_streamed(_streamed(buffer.getvalue(), keep=decode), MAX_PIXELS, decode=decode)
+    for verified in (verify_image(str(path), MAX_PIXELS, decode=decode), streamed):
+        assert verified is not None and verified.error == "decode_error" and "LAB" in (verified.detail or "")
+
+
 def test_html_is_not_an_image(tmp_path: Path) -> None:
     path = tmp_path / "page.jpg"
     path.write_bytes(b"<!doctype html><html><body>Not found</body></html>")
