@@ -34,6 +34,7 @@ OPEN_FORMATS = tuple(PIL_FORMATS)  # Pillow tries only these decoders
 END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82", "GIF": b"\x3b"}
 HEAD_BYTES = 1 << 18  # the header (EXIF, ICC profile, then the frame size) of nearly every photo fits
 TAIL_BYTES = 1024  # the end marker sits in the last bytes of a whole file
+MAX_SCANS = 500  # scans per JPEG at most, as libjpeg-turbo's own fuzzers limit them (photos have ~10)
 BODY_BYTES = 1 << 21  # bodies up to this size are kept in memory for the JPEG walk; larger ones are walked from disk
 Image.MAX_IMAGE_PIXELS = None  # max_pixels is enforced here, from the header, per call
 
@@ -304,7 +305,7 @@ def jpeg_decodes_cleanly(data: bytes) -> bool:
         if length < 2 or after > end:
             return False
         if marker == 0xDA:
-            if frame is None or not _scan_ok(data[body:after], frame, not scans, dc, ac, quant):
+            if frame is None or scans >= MAX_SCANS or not _scan_ok(data[body:after], frame, not scans, dc, ac, quant):
                 return False
             scans += 1
             at = after
@@ -368,14 +369,28 @@ def settle_streamed(streamed: Streamed, max_pixels: int, decode: bool = False) -
                     sha256=streamed.digest.hexdigest(), size=streamed.size)  # fmt: skip
 
 
-def _needs_decode(path: str, fmt: str, decode: bool) -> bool:
-    """Whether the file must be decoded to be judged: with `decode`, unless the JPEG walk vouches
-    for it; without, when its end marker is missing (truncated, or data appended after the image)."""
+def _needs_decode(path: str, fmt: str, decode: bool, jpeg: bytes | None) -> bool:
+    """Whether the file must be decoded to be judged (`jpeg`: its bytes, when it is one): with
+    `decode`, unless the JPEG walk vouches for it; without, when its end marker is missing
+    (truncated, or data appended after the image)."""
+    if decode:
+        return jpeg is None or not jpeg_decodes_cleanly(jpeg)
+    if jpeg is not None:
+        return not _ends_properly(jpeg[-TAIL_BYTES:], fmt)
     with open(path, "rb") as handle:
-        if decode:
-            return fmt != "JPEG" or not jpeg_decodes_cleanly(handle.read())
         handle.seek(max(0, os.fstat(handle.fileno()).st_size - TAIL_BYTES))
         return not _ends_properly(handle.read(), fmt)
+
+
+def _too_many_scans(jpeg: bytes) -> Verified | None:
+    """A JPEG split into more scans than MAX_SCANS: a decoding tarpit (a few MB that take minutes
+    of CPU to decode, in the check and in every training epoch), refused before any decode. The
+    count of scan markers may include a few from embedded thumbnails; real photos have at most a
+    few dozen."""
+    scans = jpeg.count(b"\xff\xda")
+    if scans <= MAX_SCANS:
+        return None
+    return Verified(False, "decode_error", f"{scans:,} scan markers, more than {MAX_SCANS} (decoding it takes minutes)")
 
 
 def verify_image(
@@ -392,10 +407,13 @@ def verify_image(
         with Image.open(path, formats=OPEN_FORMATS) as img:
             width, height = img.size
             fmt = img.format or ""
+            jpeg = Path(path).read_bytes() if fmt == "JPEG" else None
             refusal = _refusal(fmt, width, height, max_pixels, img.mode)
+            if refusal is None and jpeg is not None:
+                refusal = _too_many_scans(jpeg)
             if refusal is not None:
                 return refusal
-            if resize_max_side or _needs_decode(path, fmt, decode):
+            if resize_max_side or _needs_decode(path, fmt, decode, jpeg):
                 if fmt == "JPEG":  # every coefficient is still entropy-decoded; grey skips the colour work
                     img.draft("L", (max(1, width // 8), max(1, height // 8)))
                 img.load()
