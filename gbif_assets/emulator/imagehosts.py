@@ -51,6 +51,7 @@ FAULTS = (
     "drip",
     "compressed",
     "moved",
+    "placeholder",
 )
 
 
@@ -269,6 +270,8 @@ class _Host:
             request.transport.close()
             raise asyncio.CancelledError
         body = image_bytes(url.split("?")[0].replace("/ok/", "/", 1) if "/ok/" in url else url)
+        if fault == "placeholder":  # one "image not available" picture at every URL
+            body = image_bytes(f"http://{request.host}/placeholder")
         if fault == "truncate":
             response = web.StreamResponse(headers={"Content-Type": "image/jpeg", "Content-Length": str(len(body))})
             await response.prepare(request)

@@ -498,6 +498,8 @@ class _Coordinator:
             self._dispatch(state, cand, cache_url, "gbif_cache", outcome)
             return
         final = outcome if outcome.ok or first is None else first
+        if final.ok:
+            final = engine.unless_duplicate(final)
         engine.outcomes.append(final)
         state.claimed -= 1
         if final.ok:
@@ -614,6 +616,20 @@ class FetchEngine:
         self._done = 0
         self._target = 0
         self._started = time.monotonic()
+        # content hash -> file of the images kept for this job (seeded with those already on disk)
+        self.kept_sha256: dict[str, str] = {}
+
+    def unless_duplicate(self, outcome: Outcome) -> Outcome:
+        """The outcome, or a `duplicate` failure when its bytes are an image already kept for this
+        job (a publisher's "no image" placeholder at many URLs): its file is deleted, and the
+        stream's next reserve takes its place, so duplicates never count towards the quota."""
+        digest = outcome.verified.sha256 if outcome.verified else None
+        if digest is None or self.kept_sha256.setdefault(digest, outcome.file or "") == outcome.file:
+            return outcome
+        if outcome.file:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(outcome.file)
+        return Outcome(outcome.candidate, False, source=outcome.source, error="duplicate")
 
     def _host(self, host: str) -> _HostLimit:
         if host not in self._hosts:

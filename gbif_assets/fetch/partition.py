@@ -261,6 +261,7 @@ def _download_label(
             progress(figures)
 
     engine = FetchEngine(config, report)
+    engine.kept_sha256 = {r["sha256"]: str(home / r["path"]) for r in kept if r.get("sha256")}
     outcomes: list[Outcome] = asyncio.run(engine.run(todo)) if any(t for _, t in todo.values()) else []
     by_sha = {r["url_sha1"]: r for r in rows}
     for outcome in outcomes:

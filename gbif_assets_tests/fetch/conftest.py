@@ -44,9 +44,8 @@ PROFILES = [
     HostProfile("gzip_bomb", "127.0.0.36", "compressed", {"bomb_mb": 200}),
     HostProfile("gzip_cut", "127.0.0.37", "compressed", {"encoding": "gzip", "cut": True}),
     HostProfile("moved", "127.0.0.38", "moved", {"to": "http://127.0.0.39:9"}),  # /moved/ -> nothing listens
-    HostProfile(
-        "rate429odd", "127.0.0.40", "rate429", {"every": 2, "retry_after": "\u00b2"}
-    ),  # a digit float() refuses
+    HostProfile("rate429odd", "127.0.0.40", "rate429", {"every": 2, "retry_after": "\u00b2"}),  # float() refuses it
+    HostProfile("placeholder", "127.0.0.41", "placeholder"),  # the same "no image" picture at every URL
 ]
 
 

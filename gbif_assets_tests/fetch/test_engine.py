@@ -190,6 +190,18 @@ def test_a_dead_redirect_target_does_not_close_the_links_own_host(hosts: ImageHo
     assert len(failed) == 30 and set(failed) <= {"connect", "circuit_open"} and "circuit_open" in failed
 
 
+def test_the_same_image_at_many_urls_counts_once_and_reserves_fill_the_quota(hosts: ImageHosts, tmp_path: Path) -> None:
+    """A publisher's "no image" placeholder at every URL: one copy is kept, the others are
+    duplicates (deleted), and reserves from the same stream fill the quota."""
+    same = [_cand(f"{hosts.base_urls['placeholder']}/p/{i}.jpg", tmp_path, rank=i) for i in range(1, 4)]
+    live = [_cand(f"{hosts.base_urls['ok']}/fill/{i}.jpg", tmp_path, rank=i) for i in range(4, 10)]
+    engine = _run(_config(), {"s": (same + live, 4)})
+    kept = [o for o in engine.outcomes if o.ok]
+    assert len(kept) == 4 and len({o.verified.sha256 for o in kept if o.verified}) == 4
+    assert sorted(o.error for o in engine.outcomes if not o.ok) == ["duplicate", "duplicate"]
+    assert len([p for p in tmp_path.iterdir() if p.is_file()]) == 4
+
+
 def test_gbif_image_cache_rescues_dead_links(hosts: ImageHosts, tmp_path: Path) -> None:
     url = f"{hosts.base_urls['dead404']}/gone/1.jpg"
     config = _config(gbif_image_cache_fallback=True, image_cache_base=f"{hosts.base_urls['ok']}/v1/image/cache")
