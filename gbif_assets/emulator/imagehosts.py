@@ -302,7 +302,8 @@ class _Host:
             )
         if request.path.endswith(".png"):
             return web.Response(body=png_bytes(url), headers={"Content-Type": "image/png"})
-        return web.Response(body=body, headers={"Content-Type": "image/jpeg"})
+        status = int(params.get("ok_status", 200))  # e.g. 203 from a transforming proxy
+        return web.Response(body=body, status=status, headers={"Content-Type": "image/jpeg"})
 
     async def _huge(self, request: web.BaseRequest, size: int, chunked: bool) -> web.StreamResponse:
         headers = {"Content-Type": "image/jpeg"}
@@ -330,8 +331,10 @@ def _bomb(mb: int) -> bytes:
 
 def _compressed(body: bytes, params: dict[str, Any]) -> bytes:
     """`body` in the host's Content-Encoding: gzip, deflate (zlib-wrapped), deflate-raw (what some
-    servers send as deflate), br (not decodable by design here), or a gzip bomb."""
+    servers send as deflate), br (not decodable by design here), a gzip bomb, or a lie (plain)."""
     encoding = params.get("encoding", "gzip")
+    if params.get("lie"):  # the header says compressed, the body is the plain image
+        return body
     if "bomb_mb" in params:
         return _bomb(int(params["bomb_mb"]))
     if encoding == "deflate":

@@ -384,8 +384,8 @@ class _Inflater:
 
     PIECE = 1 << 16
 
-    def __init__(self, encoding: str) -> None:
-        self.encoding = encoding
+    def __init__(self, encoding: str, status: int) -> None:
+        self.encoding, self.status = encoding, status
         self._inflate: Any = None
 
     @classmethod
@@ -395,7 +395,7 @@ class _Inflater:
         if encoding in ("", "identity"):
             return None
         if encoding in ("gzip", "x-gzip", "deflate"):
-            return cls(encoding)
+            return cls(encoding, response.status)
         raise _Failure("not_image", response.status, f"body sent with Content-Encoding {encoding[:40]}, not an image")
 
     def feed(self, chunk: bytes) -> list[bytes]:
@@ -413,7 +413,7 @@ class _Inflater:
                 if not chunk and len(piece) < self.PIECE:
                     break
         except zlib.error as exc:
-            raise _Failure("not_image", detail=f"broken {self.encoding} body ({exc})") from None
+            raise _Failure("not_image", self.status, f"broken {self.encoding} body ({exc})") from None
         return pieces
 
     def finished(self) -> bool:
@@ -984,7 +984,7 @@ class FetchEngine:
         """Stream a 200 body to a temporary file next to its final place, within max_bytes,
         hashing it and keeping its first and last bytes on the way."""
         status = response.status
-        if status != 200:  # 429 and 5xx were answered in _attempt
+        if status not in (200, 203):  # 203: a transforming proxy's 200; 429 and 5xx were answered in _attempt
             raise _Failure(f"http_{status}", status)
         length = response.headers.get("Content-Length")
         if length and length.isdigit() and int(length) > self.config.max_bytes:

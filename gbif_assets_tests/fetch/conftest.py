@@ -46,6 +46,8 @@ PROFILES = [
     HostProfile("moved", "127.0.0.38", "moved", {"to": "http://127.0.0.39:9"}),  # /moved/ -> nothing listens
     HostProfile("rate429odd", "127.0.0.40", "rate429", {"every": 2, "retry_after": "\u00b2"}),  # float() refuses it
     HostProfile("placeholder", "127.0.0.41", "placeholder"),  # the same "no image" picture at every URL
+    HostProfile("gzip_lie", "127.0.0.42", "compressed", {"encoding": "gzip", "lie": True}),
+    HostProfile("proxied", "127.0.0.43", "ok", {"ok_status": 203}),
 ]
 
 

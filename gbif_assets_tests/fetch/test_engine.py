@@ -50,7 +50,7 @@ def test_every_fault_gets_its_error_class(hosts: ImageHosts, tmp_path: Path) -> 
         "redirect_long": "too_many_redirects", "redirect_scheme": "blocked", "truncate": "truncated",
         "reset": "reset", "bomb": "too_large", "huge": "too_large", "huge_chunked": "too_large",
         "hang": "timeout", "rate429": None, "flaky5xx": None, "garbage": "protocol", "redirect_invalid": "blocked",
-        "drip": "timeout",
+        "drip": "timeout", "proxied": None,
     }  # fmt: skip
     streams = {
         name: (
@@ -487,6 +487,7 @@ def test_a_body_compressed_unasked_is_inflated_and_kept(hosts: ImageHosts, tmp_p
         ("brotli", "not_image", "Content-Encoding br"),
         ("gzip_bomb", "too_large", "max_bytes"),
         ("gzip_cut", "not_image", "gzip body ends before its end"),
+        ("gzip_lie", "not_image", "broken gzip body"),
     ],
 )
 def test_a_compressed_body_that_cannot_be_an_image(
@@ -500,7 +501,7 @@ def test_a_compressed_body_that_cannot_be_an_image(
     )
     assert time.monotonic() - started < 10
     assert engine.outcomes[0].error == error
-    assert detail in (engine.attempts[-1]["detail"] or "")
+    assert detail in (engine.attempts[-1]["detail"] or "") and engine.attempts[-1]["status"] == 200
     assert not [p for p in tmp_path.rglob("*") if p.is_file()]
 
 
