@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 MAX_REDIRECTS = 5
 SNIFF_BYTES = 16  # enough for every magic number in safety.MAGIC (WebP's is at bytes 8-12)
 RATE_LIMIT_EXTRA_TRIES = 6  # a 429 is the host asking for patience, not a broken link
-REFUSED_ROUNDS_BEFORE_HOLD = 3  # ...but a host that refused this many times per_host requests in a row is closed
+REFUSED_ROUNDS_BEFORE_HOLD = 3  # ...but a host that refused this many rounds of its connections in a row is closed
 RETRYABLE = {"timeout", "reset", "truncated", "http_429", "http_5xx", "connect"}
 BREAKER_ERRORS = {"timeout", "connect", "reset", "dns", "protocol"}  # signs of a host that is down or not a web server
 UNPROVEN_BREAKER_FAILURES = 2  # a host that never answered is given up on sooner
@@ -845,7 +845,7 @@ class FetchEngine:
                     failures += 1
                     give_up = failures > self.config.retries
                 refused = self._host(failed).refused_in_a_row if failure.error in ("http_429", "http_5xx") else 0
-                if refused >= REFUSED_ROUNDS_BEFORE_HOLD * self.config.per_host:
+                if refused >= REFUSED_ROUNDS_BEFORE_HOLD * min(self.config.per_host, self._host(failed).limit):
                     # a host that turns every request away is not pacing us: let reserves elsewhere take over
                     self._breaker.hold(failed, self.config.breaker_open_s,
                                        f"{refused} requests in a row refused ({failure.error}); skipped for "

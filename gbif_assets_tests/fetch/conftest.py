@@ -48,6 +48,7 @@ PROFILES = [
     HostProfile("placeholder", "127.0.0.41", "placeholder"),  # the same "no image" picture at every URL
     HostProfile("gzip_lie", "127.0.0.42", "compressed", {"encoding": "gzip", "lie": True}),
     HostProfile("proxied", "127.0.0.43", "ok", {"ok_status": 203}),
+    HostProfile("refuse_slowly", "127.0.0.44", "rate429", {"every": 1_000_000, "retry_after": "2"}),
 ]
 
 

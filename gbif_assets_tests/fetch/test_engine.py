@@ -545,16 +545,31 @@ def test_a_host_asking_for_an_hour_is_left_alone_and_reserves_fill_its_quota(hos
 @pytest.mark.parametrize(("host", "error"), [("refuse_all", "http_429"), ("fail_all", "http_5xx")])
 def test_a_host_refusing_everything_is_not_hammered(hosts: ImageHosts, tmp_path: Path, host: str, error: str) -> None:
     """'429, Retry-After: 0' or '503' on every request: each refusal pauses the host (backoff_base_s),
-    and after 3 x per_host refusals in a row the host is closed and reserves fill the quota.
-    Before, 50 candidates drew 500 requests in 0.7 s (429) or 200 (503)."""
+    and after 3 rounds of refusals in a row (3 x the 2 connections a host gets before it accepts
+    anything) the host is closed and reserves fill the quota. Before, 50 candidates drew 500
+    requests in 0.7 s (429) or 200 (503)."""
     base = hosts.stats[host].requests
     refused = [_cand(f"{hosts.base_urls[host]}/r/{i}.jpg", tmp_path, rank=i) for i in range(50)]
     reserves = [_cand(f"{hosts.base_urls['ok']}/{host}/{i}.jpg", tmp_path, rank=100 + i) for i in range(50)]
     engine = _run(_config(per_host=4, backoff_base_s=0.2), {"s": (refused + reserves, 50)})
     assert sum(o.ok for o in engine.outcomes) == 50
-    assert hosts.stats[host].requests - base <= 3 * 4 + 4  # the last round's requests were in flight
+    assert hosts.stats[host].requests - base <= 3 * 2 + 2  # the last round's requests were in flight
     closed = [a for a in engine.attempts if a["error"] == "host_paused"]
     assert closed and f"in a row refused ({error})" in closed[0]["detail"]
+
+
+def test_a_host_refusing_everything_with_long_pauses_costs_three_of_them(hosts: ImageHosts, tmp_path: Path) -> None:
+    """'429, Retry-After: 2' on every request, per_host 8: the host never gets past its 2 first
+    connections, so it is closed after 3 rounds of 2 (three pauses), not 3 x 8 refusals (twelve
+    pauses). With 'Retry-After: 29' that was 174 s for one label."""
+    base = hosts.stats["refuse_slowly"].requests
+    refused = [_cand(f"{hosts.base_urls['refuse_slowly']}/r/{i}.jpg", tmp_path, rank=i) for i in range(20)]
+    reserves = [_cand(f"{hosts.base_urls['ok']}/slowly/{i}.jpg", tmp_path, rank=100 + i) for i in range(20)]
+    started = time.monotonic()
+    engine = _run(_config(per_host=8, retries=2), {"s": (refused + reserves, 20)})
+    assert sum(o.ok for o in engine.outcomes) == 20
+    assert hosts.stats["refuse_slowly"].requests - base <= 3 * 2 + 2
+    assert time.monotonic() - started < 10
 
 
 def test_host_that_never_answered_costs_one_timeout(hosts: ImageHosts, tmp_path: Path) -> None:
