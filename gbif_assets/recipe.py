@@ -279,6 +279,7 @@ class Download(_Model):
     timeout_s: Annotated[float, Field(gt=0, le=3600)] = 30
     retries: Annotated[int, Field(ge=0, le=10)] = 3
     max_bytes: Annotated[int, Field(ge=1024)] = 25_000_000
+    max_pixels: Annotated[int, Field(ge=1024)] = 89_478_485  # Pillow's own limit: larger images are refused
     resize_max_side: Annotated[int, Field(ge=16)] | None = None
     gbif_image_cache_fallback: bool = True
     decode_check: bool = True  # every image must decode (JPEG: structure walk); off: header, pixels, end marker

@@ -387,6 +387,7 @@ def fetch_config(recipe: Recipe, settings: Settings):
         timeout_s=d.timeout_s,
         retries=d.retries,
         max_bytes=d.max_bytes,
+        max_pixels=d.max_pixels,
         resize_max_side=d.resize_max_side,
         gbif_image_cache_fallback=d.gbif_image_cache_fallback,
         decode_check=d.decode_check,

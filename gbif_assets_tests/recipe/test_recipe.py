@@ -8,6 +8,8 @@ import pytest
 import yaml
 
 from gbif_assets.recipe import LICENSE_IDS, RecipeError, load_recipe, load_recipes, validate_cron
+from gbif_assets.settings import Settings
+from gbif_assets.steps import fetch_config
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "datasets" / "invasive_plants.yaml"
@@ -56,6 +58,18 @@ def test_existing_mode_accepts_doi_forms(tmp_path: Path) -> None:
         assert load_recipe(_write(tmp_path, data)).source.key == "10.15468/dl.vnm42s"
     data["source"] = {"mode": "existing", "key": "0012150-260108223611665"}
     assert load_recipe(_write(tmp_path, data)).source.key == "0012150-260108223611665"
+
+
+def test_download_settings_reach_the_fetch_engine(tmp_path: Path) -> None:
+    data = _base()
+    data["download"] = {"max_pixels": 2_000_000, "max_bytes": 5_000_000, "decode_check": False, "per_host": 3}
+    config = fetch_config(load_recipe(_write(tmp_path, data)), Settings.from_env())
+    assert (config.max_pixels, config.max_bytes, config.decode_check, config.per_host) == (
+        2_000_000,
+        5_000_000,
+        False,
+        3,
+    )
 
 
 def _edit(path_parts: list[str], value: object):
@@ -160,6 +174,12 @@ BAD = [
         "max_bytes tiny",
         _edit(["download", "max_bytes"], 10),
         "download.max_bytes",
+        "greater than or equal to 1024",
+    ),
+    (
+        "max_pixels tiny",
+        _edit(["download", "max_pixels"], 10),
+        "download.max_pixels",
         "greater than or equal to 1024",
     ),
     ("bad cron", _edit(["refresh_cron"], "0 3 1 *"), "refresh_cron", "5 fields"),
