@@ -7,11 +7,14 @@ request, wait for GBIF, run the unpartitioned upstream, one run per label, then 
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
+import signal
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -141,6 +144,7 @@ class _Runner:
         self.failures: list[str] = []
         self.warnings: list[str] = []
         self.gbif_failed = False  # GBIF refused or could not be reached: exit 2, as for a bad recipe
+        self.interrupted: Callable[[], None] = lambda: None  # raises KeyboardInterrupt after a Ctrl-C
 
     def _on_progress(self, stage: str, figures: dict) -> None:
         task = self._tasks.get(stage)
@@ -172,6 +176,7 @@ class _Runner:
             raise_on_error=False,
             run_config=self._run_config(),
         )
+        self.interrupted()  # a Ctrl-C that Dagster caught between its checkpoints, or that failed a query
         for event in result.get_step_failure_events():
             error = event.event_specific_data.error
             if _caused_by(error, "DagsterExecutionInterruptedError", "KeyboardInterrupt"):
@@ -216,6 +221,7 @@ class _Runner:
                 self.failures.append(f"GBIF download {key} still {state} after {self.options.wait_timeout_s:.0f} s")
                 return False
             time.sleep(self.options.poll_seconds)
+            self.interrupted()
 
 
 def run_build(recipe: Recipe, options: BuildOptions) -> int:
@@ -229,7 +235,38 @@ def run_build(recipe: Recipe, options: BuildOptions) -> int:
         except BlockingIOError:
             console.print(f"[red]error:[/red] another build of {recipe.name} is running in {runner.home}; wait for it")
             return 2
-        return _build(runner, recipe, options, console)
+        with _signals_seen() as runner.interrupted:
+            return _build(runner, recipe, options, console)
+
+
+@contextlib.contextmanager
+def _signals_seen() -> Iterator[Callable[[], None]]:
+    """A check that raises KeyboardInterrupt once Ctrl-C (or SIGTERM) reached this process.
+
+    Dagster catches SIGINT while it runs a step and acts on it only at its checkpoints; one that
+    lands elsewhere (a step posting the GBIF request, writing events) is dropped when the run ends,
+    and the build went on. Python writes every signal it handles to a wakeup file descriptor,
+    whoever's handler runs, so the build reads that after each run and while it polls GBIF."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: None
+        return
+    read, write = os.pipe()
+    os.set_blocking(read, False)
+    os.set_blocking(write, False)
+    previous = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+
+    def interrupted() -> None:
+        with contextlib.suppress(BlockingIOError):
+            seen = os.read(read, 4096)
+            if signal.SIGINT in seen or signal.SIGTERM in seen:
+                raise KeyboardInterrupt
+
+    try:
+        yield interrupted
+    finally:
+        signal.set_wakeup_fd(previous)
+        os.close(read)
+        os.close(write)
 
 
 def _build(runner: _Runner, recipe: Recipe, options: BuildOptions, console: Console) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -115,6 +116,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point; recipe, GBIF and settings errors become one clear line and exit code 2."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        # started in the background of a script, which ignores SIGINT for its children: Dagster
+        # takes SIGINT over while it runs a step, so it stopped some steps and not the rest.
+        # `kill -INT` is asked for, and always ends the build (exit 130).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     args = _parser().parse_args(argv)
     try:  # Ctrl-C during the imports (Dagster's take a second) is an interrupt like any other
         from gbif_assets.gbif import GbifError

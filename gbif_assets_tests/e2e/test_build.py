@@ -216,6 +216,53 @@ def test_ctrl_c_stops_the_build_not_just_one_label(gbif_env: Path) -> None:
     assert leftover == []
 
 
+@pytest.mark.parametrize("step", ["occurrences", "media_manifest", "image_metadata"])
+def test_ctrl_c_at_any_step_exits_130(gbif_env: Path, step: str) -> None:
+    """Dagster catches SIGINT while it runs a step and acts on it only at its checkpoints; one that
+    landed elsewhere was dropped and the build went on (exit 0), or failed a DuckDB query
+    ("Query interrupted", exit 1). Sent as the step starts, it must end the build with 130."""
+    path = copy_recipe("invasive_plants", gbif_env / "datasets", name=f"stop_{step}")
+    log = gbif_env / f"build_{step}.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gbif_assets.cli", "build", str(path)],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and not any(
+            line.startswith(">") and step in line for line in log.read_text().splitlines()
+        ):
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=60) == 130, log.read_text()[-2000:]
+    assert "Traceback" not in log.read_text()
+
+
+def test_sigint_ends_a_build_started_with_sigint_ignored(gbif_env: Path, emulator) -> None:
+    """A script that starts the build in the background (`gbif-assets build ... &`) hands it
+    SIGINT ignored. Dagster takes SIGINT over only while a step runs, so `kill -INT` stopped a
+    step but not the wait for GBIF's download, and the build went on (exit 0)."""
+    path = copy_recipe("invasive_plants_download", gbif_env / "datasets", name="backgrounded")
+    path.write_text(path.read_text().replace("speciesKey: [5352251, 3190653, 3189866]", "speciesKey: [5352251]"))
+    log = gbif_env / "backgrounded.log"
+    emulator.config.preparing_s = 120
+    try:
+        with log.open("w") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "gbif_assets.cli", "build", str(path), "--poll-seconds", "0.2"],
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+            )  # fmt: skip
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and "PREPARING" not in log.read_text():
+                time.sleep(0.05)
+            time.sleep(0.5)  # polling now, outside any Dagster step
+            os.killpg(proc.pid, signal.SIGINT)
+            assert proc.wait(timeout=30) == 130, log.read_text()[-2000:]
+    finally:
+        emulator.config.preparing_s = 0.2
+
+
 def test_a_second_build_of_the_same_dataset_is_refused(gbif_env: Path, capsys: pytest.CaptureFixture[str]) -> None:
     recipe = load_recipe(copy_recipe("invasive_plants", gbif_env / "datasets"))
     home = gbif_env / "data" / recipe.name
