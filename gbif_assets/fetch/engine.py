@@ -52,6 +52,7 @@ RATE_LIMIT_EXTRA_TRIES = 6  # a 429 is the host asking for patience, not a broke
 REFUSED_ROUNDS_BEFORE_HOLD = 3  # ...but a host that refused this many rounds of its connections in a row is closed
 RETRYABLE = {"timeout", "reset", "truncated", "http_429", "http_5xx", "connect"}
 BREAKER_ERRORS = {"timeout", "connect", "reset", "dns", "protocol"}  # signs of a host that is down or not a web server
+ATTEMPTS_EVERY_S = 0.5  # how often the attempt rows go to `on_attempts` (the partition's journal)
 UNPROVEN_BREAKER_FAILURES = 2  # a host that never answered is given up on sooner
 SLOW_START = 2  # connections to a host before it has answered
 RATE_WINDOW_S = 1.0  # a rate-limiting host's window (at least its Retry-After)
@@ -598,9 +599,17 @@ class HostShard:
 class FetchEngine:
     """Fetch candidates stream by stream until each stream's target is met."""
 
-    def __init__(self, config: FetchConfig, progress: Callable[[Progress], None] | None = None) -> None:
+    def __init__(
+        self,
+        config: FetchConfig,
+        progress: Callable[[Progress], None] | None = None,
+        on_attempts: Callable[[list[dict[str, Any]]], None] | None = None,
+    ) -> None:
+        """`progress` gets a snapshot every `progress_every_s`; `on_attempts` gets the attempt
+        rows so far every ATTEMPTS_EVERY_S (to put the new ones on disk as the run goes)."""
         self.config = config
         self.progress_cb = progress
+        self.attempts_cb = on_attempts
         self.attempts: list[dict[str, Any]] = []
         self.outcomes: list[Outcome] = []
         self.failures: collections.Counter[str] = collections.Counter()
@@ -786,9 +795,15 @@ class FetchEngine:
             await self._pool.close()
 
     async def _report_loop(self) -> None:
+        tick = min(self.config.progress_every_s, ATTEMPTS_EVERY_S) if self.attempts_cb else self.config.progress_every_s
+        next_progress = time.monotonic() + self.config.progress_every_s
         while True:
-            await asyncio.sleep(self.config.progress_every_s)
-            self._emit()
+            await asyncio.sleep(tick)
+            if self.attempts_cb is not None:
+                self.attempts_cb(self.attempts)
+            if time.monotonic() >= next_progress - tick / 2:
+                next_progress += self.config.progress_every_s
+                self._emit()
 
     def _emit(self) -> None:
         if self.progress_cb is None:

@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import duckdb
 import pyarrow as pa
@@ -77,39 +77,62 @@ class LabelBusy(RuntimeError):
 
 
 class _AttemptLog:
-    """metadata/downloads/<label>.parquet, written as the fetch goes: every few seconds the new
-    rows go to a chunk file beside it, and the chunks are folded into the log at the end or, after
-    a kill, at the start of the next run. A kill loses only the failed attempts of its last few
-    seconds: the files it finished then are logged from disk by the next run."""
+    """metadata/downloads/<label>.parquet, written as the fetch goes: twice a second the new rows
+    are appended to this run's journal beside it (an Arrow IPC stream on an unbuffered file, so
+    every batch is in the kernel's hands when the write returns), and the journals are folded into
+    the log at the end or, after a kill, at the start of the next run. A kill loses at most the
+    attempts of its last half second (a batch cut in the middle is dropped): the files it finished
+    then are logged from disk by the next run."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.written = 0
         self.run = f"{os.getpid()}-{time.time_ns()}"
-
-    def _chunks(self) -> list[Path]:
-        return sorted(self.path.parent.glob(f"{self.path.name}.chunk-*"))
+        self._journal: tuple[BinaryIO, pa.ipc.RecordBatchStreamWriter] | None = None
 
     def fold(self, more: Sequence[dict[str, Any]] = ()) -> None:
-        """Log + every chunk + `more` -> the log, atomically; then the chunks go."""
-        chunks = self._chunks()
-        if not chunks and not more and self.path.exists():
+        """Log + every journal + `more` -> the log, atomically; then the journals go."""
+        if self._journal is not None:
+            sink, writer = self._journal
+            writer.close()
+            sink.close()
+            self._journal = None
+        journals = sorted(self.path.parent.glob(f"{self.path.name}.journal-*"))
+        if not journals and not more and self.path.exists():
             return
         rows = _read_rows(self.path)
-        for chunk in chunks:
-            rows += pq.read_table(chunk).to_pylist()
+        for journal in journals:
+            rows += _read_journal(journal)
         _write_parquet(pa.Table.from_pylist(rows + list(more), schema=ATTEMPT_SCHEMA), self.path)
-        for chunk in chunks:
-            chunk.unlink(missing_ok=True)
+        for journal in journals:
+            journal.unlink(missing_ok=True)
 
     def flush(self, attempts: list[dict[str, Any]]) -> None:
-        """The rows not yet on disk, as one more chunk."""
+        """Append the rows not yet on disk to this run's journal."""
         new = attempts[self.written :]
         if not new:
             return
-        chunk = self.path.parent / f"{self.path.name}.chunk-{self.run}-{self.written:09d}"
-        _write_parquet(pa.Table.from_pylist(new, schema=ATTEMPT_SCHEMA), chunk)
+        if self._journal is None:
+            sink = open(self.path.parent / f"{self.path.name}.journal-{self.run}", "wb", buffering=0)  # noqa: SIM115
+            self._journal = sink, pa.ipc.new_stream(sink, ATTEMPT_SCHEMA)
+        self._journal[1].write_batch(pa.RecordBatch.from_pylist(new, schema=ATTEMPT_SCHEMA))
         self.written += len(new)
+
+    def sources(self) -> dict[str, str]:
+        """url -> where its kept copy came from (publisher or gbif_cache), from the log's successes."""
+        return {r["url"]: r["source"] for r in _read_rows(self.path) if r["error"] is None and r["source"]}
+
+
+def _read_journal(path: Path) -> list[dict[str, Any]]:
+    """The whole batches of a journal; a kill -9 may have cut its last one (or its header)."""
+    rows: list[dict[str, Any]] = []
+    try:
+        with pa.ipc.open_stream(pa.OSFile(str(path))) as reader:
+            for batch in reader:
+                rows += batch.to_pylist()
+    except (pa.ArrowInvalid, OSError, EOFError):
+        pass
+    return rows
 
 
 @dataclass
@@ -211,10 +234,11 @@ def _download_label(
     kept_path = home / "metadata" / "partitions" / f"{folder}.parquet"
     log_path = home / "metadata" / "downloads" / f"{folder}.parquet"
     log = _AttemptLog(log_path)
-    log.fold()  # the attempts of a run that was killed, from its chunks
+    log.fold()  # the attempts of a run that was killed, from its journal
+    sources = log.sources()
     previous = {r["url_sha1"]: r for r in _read_rows(kept_path)}
     kept: list[dict[str, Any]] = []
-    recovered: list[dict[str, Any]] = []  # files a killed run finished after its last log chunk
+    recovered: list[dict[str, Any]] = []  # files a killed run finished after its journal's last batch
     streams: dict[str, tuple[list[Candidate], int]] = {}
     present: Counter[str] = Counter()
     for row in rows:
@@ -234,7 +258,8 @@ def _download_label(
                         found = found.rename(found.with_suffix(f".{verified.ext}"))
                     if record is None:
                         recovered.append(_recovered_attempt(row, found, verified.size))
-                    source = record.get("source", "publisher") if record else "publisher"
+                    # a file a killed run finished has no row yet: its source is in the attempt log
+                    source = record.get("source", "publisher") if record else sources.get(row["url"], "publisher")
                     record = _kept_row(row, label, found, home, verified.sha256, verified.width, verified.height,
                                        verified.size, verified.mime, source, dt.datetime.now(dt.UTC))  # fmt: skip
             if found is not None:
@@ -255,12 +280,7 @@ def _download_label(
         )
     todo = {s: (c, max(0, t - present[s])) for s, (c, t) in streams.items()}
 
-    def report(figures: Progress) -> None:  # every few seconds: the new attempts reach the disk too
-        log.flush(engine.attempts)
-        if progress is not None:
-            progress(figures)
-
-    engine = FetchEngine(config, report)
+    engine = FetchEngine(config, progress, on_attempts=log.flush)
     engine.kept_sha256 = {r["sha256"]: str(home / r["path"]) for r in kept if r.get("sha256")}
     outcomes: list[Outcome] = asyncio.run(engine.run(todo)) if any(t for _, t in todo.values()) else []
     by_sha = {r["url_sha1"]: r for r in rows}
@@ -410,8 +430,9 @@ def _trust_again(record: dict[str, Any], found: Path) -> None:
 
 
 def _recovered_attempt(row: dict[str, Any], found: Path, size: int) -> dict[str, Any]:
-    """The log row of a download whose file a killed run left verified on disk, after its last
-    log chunk: what the file tells (size, time); what it cannot (status, timing) stays empty."""
+    """The log row of a download whose file a killed run left verified on disk, after its
+    journal's last batch: what the file tells (size, time); what it cannot (status, timing) stays
+    empty."""
     return {
         "url": row["url"], "host": host_of(row["url"]), "final_url": None, "status": None, "error": None,
         "detail": "logged from the file on disk: the run that fetched it was killed before logging it",

@@ -240,18 +240,30 @@ def _cmdline(proc: Path) -> str:
         return ""
 
 
+def _journal_rows(folder: Path) -> list[dict]:
+    """The attempt rows in the label's journals so far (a batch being written may be cut)."""
+    rows: list[dict] = []
+    for journal in folder.glob("L1.parquet.journal-*"):
+        try:
+            with pa.ipc.open_stream(pa.OSFile(str(journal))) as reader:
+                rows += [row for batch in reader for row in batch.to_pylist()]
+        except (pa.ArrowInvalid, OSError):
+            pass
+    return rows
+
+
 def test_kill_dash_nine_then_resume(hosts: ImageHosts, tmp_path: Path) -> None:
     """After kill -9: no partial file at a final path, no process left, nothing fetched twice, and
-    the attempts written before the kill (chunks, every progress tick) are in the log after."""
+    the attempts written before the kill (its journal, every half second) are in the log after."""
     home = tmp_path / "home"
-    total = 80  # 8 s at the slow host's pace: the kill comes after the first attempt chunk (3 s)
+    total = 80  # 8 s at the slow host's pace: the kill comes after the journal's first batches
     manifest = _manifest(tmp_path / "manifest.parquet", hosts.base_urls["slow"], total, png_every=4)
     env = {**os.environ, "GBIF_ASSETS_ALLOW_PRIVATE_HOSTS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "gbif_assets.fetch", str(manifest), "L1", str(home)], env=env)
     deadline = time.monotonic() + 30
-    chunks = home / "metadata" / "downloads"
+    downloads = home / "metadata" / "downloads"
     while time.monotonic() < deadline and not (
-        len(list(home.glob("images/*/L1/*.[jp][pn]g"))) >= 8 and list(chunks.glob("L1.parquet.chunk-*"))
+        len(list(home.glob("images/*/L1/*.[jp][pn]g"))) >= 8 and _journal_rows(downloads)
     ):
         time.sleep(0.05)
     workers = [p for p in Path("/proc").glob("[0-9]*") if _cmdline(p).endswith(f"--parent {proc.pid}")]
@@ -266,18 +278,18 @@ def test_kill_dash_nine_then_resume(hosts: ImageHosts, tmp_path: Path) -> None:
     for path in finished:  # every file at a final path is a whole, valid image
         with Image.open(path) as img:
             img.load()
-    logged = sum(pq.read_table(c).num_rows for c in chunks.glob("L1.parquet.chunk-*"))
+    logged = len(_journal_rows(downloads))
     assert logged >= 1
     before = hosts.stats["slow"].requests
     result = download_label(manifest, "L1", home, _config(concurrency=4, per_host=2))
     assert result.kept == total and result.already_present == len(finished)
     assert hosts.stats["slow"].requests - before == total - len(finished)  # nothing fetched twice
-    assert not list(chunks.glob("L1.parquet.chunk-*"))  # folded into the log
-    log_rows = pq.read_table(chunks / "L1.parquet").to_pylist()
+    assert not list(downloads.glob("L1.parquet.journal-*"))  # folded into the log
+    log_rows = pq.read_table(downloads / "L1.parquet").to_pylist()
     recovered = [r for r in log_rows if (r["detail"] or "").startswith("logged from the file on disk")]
     assert len(log_rows) == logged + result.attempts + len(recovered)
-    # every kept image has its successful attempt in the log: chunked before the kill, made in the
-    # resumed run, or (finished after the last chunk) logged from the file on disk
+    # every kept image has its successful attempt in the log: journaled before the kill, made in
+    # the resumed run, or (finished in its last half second) logged from the file on disk
     kept_urls = set(pq.read_table(home / "metadata" / "partitions" / "L1.parquet").column("url").to_pylist())
     assert kept_urls == {r["url"] for r in log_rows if r["error"] is None}
     for path, mtime in finished.items():
@@ -421,6 +433,21 @@ def test_a_file_changed_in_place_since_it_was_kept_is_fetched_again(hosts: Image
     assert victim.read_bytes() == whole
     assert touched.stat().st_mtime < later - 30  # trusted again: its time went back to its fetch
     assert download_label(manifest, "L1", home, _config()).fetched == 0
+
+
+def test_files_a_killed_run_kept_from_the_gbif_cache_keep_that_source(hosts: ImageHosts, tmp_path: Path) -> None:
+    """A run killed after its attempts reached the journal but before it wrote the label's rows:
+    the next run finds the files on disk and takes their source from the attempt log, instead of
+    calling every one 'publisher'."""
+    home = tmp_path / "home"
+    manifest = _manifest(tmp_path / "m.parquet", hosts.base_urls["dead404"], 4)
+    config = _config(gbif_image_cache_fallback=True, image_cache_base=f"{hosts.base_urls['ok']}/v1/image/cache")
+    assert download_label(manifest, "L1", home, config).kept == 4
+    (home / "metadata" / "partitions" / "L1.parquet").unlink()  # as if killed before writing them
+    result = download_label(manifest, "L1", home, config)
+    assert (result.kept, result.fetched) == (4, 0)
+    kept = pq.read_table(home / "metadata" / "partitions" / "L1.parquet")
+    assert set(kept.column("source").to_pylist()) == {"gbif_cache"}
 
 
 def test_rate_limited_host_is_paced_not_hammered(hosts: ImageHosts, tmp_path: Path) -> None:
