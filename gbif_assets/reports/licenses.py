@@ -80,14 +80,14 @@ def license_report(home: Path) -> LicenseReport:
         home,
         """SELECT coalesce("rightsHolder", creator, '(not given)') AS rights_holder,
                   count(*) AS images,
-                  string_agg(DISTINCT license, ', ') AS licenses
+                  string_agg(DISTINCT license, ', ' ORDER BY license) AS licenses
            FROM images GROUP BY ALL ORDER BY images DESC, rights_holder""",
     )
     per_publisher = rows_of(
         home,
         """SELECT "datasetKey" AS dataset_key, "publishingOrgKey" AS publishing_org_key,
                   count(*) AS images,
-                  string_agg(DISTINCT license, ', ') AS licenses
+                  string_agg(DISTINCT license, ', ' ORDER BY license) AS licenses
            FROM images GROUP BY ALL ORDER BY images DESC, dataset_key""",
     )
     reports = home / "reports"
