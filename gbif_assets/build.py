@@ -235,8 +235,11 @@ def run_build(recipe: Recipe, options: BuildOptions) -> int:
         except BlockingIOError:
             console.print(f"[red]error:[/red] another build of {recipe.name} is running in {runner.home}; wait for it")
             return 2
-        with _signals_seen() as runner.interrupted:
-            return _build(runner, recipe, options, console)
+        try:
+            with _signals_seen() as runner.interrupted:
+                return _build(runner, recipe, options, console)
+        finally:  # closed here, not by the garbage collector at exit (which printed a traceback after Ctrl-C)
+            runner.instance.dispose()
 
 
 @contextlib.contextmanager

@@ -99,7 +99,8 @@ def link_rot_report(home: Path) -> LinkRotReport:
             con,
             """SELECT coalesce(last_error, 'ok') AS error_class, last_status AS status,
                       count(*) AS links
-               FROM judged WHERE verdict <> 'valid' GROUP BY ALL ORDER BY links DESC, error_class, status NULLS FIRST""",
+               FROM judged WHERE verdict <> 'valid'
+               GROUP BY ALL ORDER BY links DESC, error_class, status NULLS FIRST""",
         )
         untried = con.execute("SELECT count(*) FROM links WHERE NOT tried").fetchone()[0]
         totals = con.execute(
