@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import duckdb
@@ -192,23 +193,32 @@ def test_filters_that_remove_everything_end_clearly(gbif_env: Path, capsys: pyte
         assert (home / "reports" / name).is_file(), name
 
 
+def _build_then_sigint(path: Path, log: Path, ready: Callable[[str], bool], *args: str,
+                       ignore_sigint: bool = False) -> tuple[subprocess.Popen, int, float]:  # fmt: skip
+    """Run `gbif-assets build` in its own process group, send it SIGINT once `ready(output)`;
+    the process, its exit code, and how long it took to exit."""
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gbif_assets.cli", "build", str(path), *args],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignore_sigint else None,
+        )  # fmt: skip
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and not ready(log.read_text()):
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGINT)
+        sent = time.monotonic()
+        code = proc.wait(timeout=60)
+    return proc, code, time.monotonic() - sent
+
+
 def test_ctrl_c_stops_the_build_not_just_one_label(gbif_env: Path) -> None:
     """Ctrl-C (SIGINT to the process group) ends the whole build within seconds, exit 130, with
     no fetch process left and no traceback; the next label does not start."""
     path = copy_recipe("invasive_plants", gbif_env / "datasets")
     log = gbif_env / "build.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gbif_assets.cli", "build", str(path)],
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and "> images [" not in log.read_text():
-            time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGINT)
-        sent = time.monotonic()
-        assert proc.wait(timeout=30) == 130
-    assert time.monotonic() - sent < 10
+    proc, code, seconds = _build_then_sigint(path, log, lambda text: "> images [" in text)
+    assert code == 130 and seconds < 10
     text = log.read_text()
     assert text.count("> images [") == 1 and "interrupted; re-run the same command to resume" in text
     assert "Traceback" not in text
@@ -218,23 +228,15 @@ def test_ctrl_c_stops_the_build_not_just_one_label(gbif_env: Path) -> None:
 
 @pytest.mark.parametrize("step", ["occurrences", "media_manifest", "image_metadata"])
 def test_ctrl_c_at_any_step_exits_130(gbif_env: Path, step: str) -> None:
-    """Dagster catches SIGINT while it runs a step and acts on it only at its checkpoints; one that
-    landed elsewhere was dropped and the build went on (exit 0), or failed a DuckDB query
-    ("Query interrupted", exit 1). Sent as the step starts, it must end the build with 130."""
+    """Ctrl-C as each step starts ends the build with 130 and no traceback (after each Dagster
+    run the build also reads every SIGINT that reached it: one Dagster caught between its
+    checkpoints, or one that failed a DuckDB query as 'Query interrupted')."""
     path = copy_recipe("invasive_plants", gbif_env / "datasets", name=f"stop_{step}")
     log = gbif_env / f"build_{step}.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gbif_assets.cli", "build", str(path)],
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and not any(
-            line.startswith(">") and step in line for line in log.read_text().splitlines()
-        ):
-            time.sleep(0.02)
-        os.killpg(proc.pid, signal.SIGINT)
-        assert proc.wait(timeout=60) == 130, log.read_text()[-2000:]
+    _, code, _ = _build_then_sigint(
+        path, log, lambda text: any(line.startswith(">") and step in line for line in text.splitlines())
+    )
+    assert code == 130, log.read_text()[-2000:]
     assert "Traceback" not in log.read_text()
 
 
@@ -246,19 +248,14 @@ def test_sigint_ends_a_build_started_with_sigint_ignored(gbif_env: Path, emulato
     path.write_text(path.read_text().replace("speciesKey: [5352251, 3190653, 3189866]", "speciesKey: [5352251]"))
     log = gbif_env / "backgrounded.log"
     emulator.config.preparing_s = 120
+    seen: dict[str, float] = {}
+
+    def polling(text: str) -> bool:  # half a second after PREPARING shows: outside any Dagster step
+        return "PREPARING" in text and time.monotonic() > seen.setdefault("at", time.monotonic()) + 0.5
+
     try:
-        with log.open("w") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "gbif_assets.cli", "build", str(path), "--poll-seconds", "0.2"],
-                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
-            )  # fmt: skip
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline and "PREPARING" not in log.read_text():
-                time.sleep(0.05)
-            time.sleep(0.5)  # polling now, outside any Dagster step
-            os.killpg(proc.pid, signal.SIGINT)
-            assert proc.wait(timeout=30) == 130, log.read_text()[-2000:]
+        _, code, _ = _build_then_sigint(path, log, polling, "--poll-seconds", "0.2", ignore_sigint=True)
+        assert code == 130, log.read_text()[-2000:]
     finally:
         emulator.config.preparing_s = 0.2
 
