@@ -171,16 +171,6 @@ class _Failure(Exception):
         self.host: str | None = None  # the host that failed: a redirect's target, not always the link's own
 
 
-@contextlib.contextmanager
-def _charged_to(host: str) -> Iterator[None]:
-    """Mark failures raised inside as this host's (see _Failure.host)."""
-    try:
-        yield
-    except _Failure as failure:
-        failure.host = failure.host or host
-        raise
-
-
 class _Breaker:
     """Per-host circuit breaker: after N consecutive connection-level failures, skip the host
     (after 2 when the host has never answered: a dead host costs one timeout, not five)."""
@@ -796,13 +786,12 @@ class FetchEngine:
 
     async def _report_loop(self) -> None:
         tick = min(self.config.progress_every_s, ATTEMPTS_EVERY_S) if self.attempts_cb else self.config.progress_every_s
-        next_progress = time.monotonic() + self.config.progress_every_s
-        while True:
+        ticks_per_progress = max(1, round(self.config.progress_every_s / tick))
+        for ticks in itertools.count(1):
             await asyncio.sleep(tick)
             if self.attempts_cb is not None:
                 self.attempts_cb(self.attempts)
-            if time.monotonic() >= next_progress - tick / 2:
-                next_progress += self.config.progress_every_s
+            if ticks % ticks_per_progress == 0:
                 self._emit()
 
     def _emit(self) -> None:
@@ -860,7 +849,7 @@ class FetchEngine:
                     failures += 1
                     give_up = failures > self.config.retries
                 refused = self._host(failed).refused_in_a_row if failure.error in ("http_429", "http_5xx") else 0
-                if refused >= REFUSED_ROUNDS_BEFORE_HOLD * min(self.config.per_host, self._host(failed).limit):
+                if refused >= REFUSED_ROUNDS_BEFORE_HOLD * self._host(failed).limit:  # limit: at most per_host
                     # a host that turns every request away is not pacing us: let reserves elsewhere take over
                     self._breaker.hold(failed, self.config.breaker_open_s,
                                        f"{refused} requests in a row refused ({failure.error}); skipped for "
@@ -915,7 +904,7 @@ class FetchEngine:
                     "blocked",
                     detail=f"{host} is a loopback, private, link-local or multicast address",
                 )
-            with _charged_to(host):  # a failure at a redirect's target counts against that host
+            try:  # a failure at a redirect's target counts against that host (see _Failure.host)
                 limit = self._host(host)
                 ticket = await limit.acquire()  # host first: a busy host never holds global slots
                 try:
@@ -971,6 +960,9 @@ class FetchEngine:
                 finally:
                     limit.release()
                     self._notify()
+            except _Failure as failure:
+                failure.host = failure.host or host
+                raise
         else:
             raise _Failure("too_many_redirects", detail=f"more than {MAX_REDIRECTS} redirects from {url[:200]}")
         try:  # verification runs after the connection slot is released
