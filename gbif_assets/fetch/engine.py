@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import ctypes
 import dataclasses
 import datetime as dt
 import functools
@@ -66,6 +67,8 @@ MIN_RATE = 0.2
 PACE_LOOKAHEAD_S = 0.05  # a worker holds a paced host's next job at most this long before its start
 RATE_SIGNAL_ANSWERS = 2  # a 429 cuts only after this many answers per allowed connection in the window
 GC_FIRST_THRESHOLD = 10_000  # allocations between the cyclic collector's young passes (see fewer_gc_passes)
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
+HEAP_BLOCKS_UP_TO = 1 << 20  # see socket_buffers_on_heap
 USER_AGENT = "gbif-assets/0.1 (training-set builder; polite: per-host limits, backoff)"
 
 
@@ -83,6 +86,22 @@ def fewer_gc_passes() -> Iterator[None]:
         yield
     finally:
         gc.set_threshold(*before)
+
+
+def socket_buffers_on_heap() -> None:
+    """Have glibc serve blocks up to 1 MiB from the heap in this process, not from fresh mmaps.
+
+    asyncio reads each socket into a new 256 KiB buffer and shrinks it to what arrived. Until
+    glibc's dynamic threshold happens to rise past that size, every such buffer is an mmap, a
+    page fault for each page the kernel fills, an mremap and a munmap: 10-20 page faults and
+    about 50 us of system time per image (measured: 140,000-250,000 minor faults for 10,000
+    images, 45,000 with this). glibc raises the threshold itself once a process frees a block
+    that large; this makes it so from the start. A no-op on other C libraries."""
+    try:
+        os.confstr("CS_GNU_LIBC_VERSION")
+        ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, HEAP_BLOCKS_UP_TO)
+    except (ValueError, OSError, AttributeError):  # not glibc, or no confstr name on this platform
+        return
 
 
 @dataclass
@@ -694,6 +713,7 @@ class FetchEngine:
         Shard 0 runs in this event loop; with `processes` > 1 and a job large enough to pay for
         their start, shards 1.. are processes of their own (`gbif_assets.fetch.shard`), one core each.
         """
+        socket_buffers_on_heap()
         with fewer_gc_passes():
             return await self._run(streams)
 
@@ -1008,7 +1028,7 @@ class FetchEngine:
             try:
                 lead = b""  # the first SNIFF_BYTES, however thinly the body arrives
                 inflater = _Inflater.of(response)
-                async for received in response.content.iter_chunked(1 << 16):
+                async for received in response.content.iter_any():  # as it arrives: no re-slicing
                     for chunk in (received,) if inflater is None else inflater.feed(received):
                         if len(lead) < SNIFF_BYTES:
                             lead += chunk[: SNIFF_BYTES - len(lead)]

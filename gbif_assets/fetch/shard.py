@@ -21,7 +21,15 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from gbif_assets.fetch.engine import Candidate, FetchConfig, FetchEngine, HostShard, Outcome, fewer_gc_passes
+from gbif_assets.fetch.engine import (
+    Candidate,
+    FetchConfig,
+    FetchEngine,
+    HostShard,
+    Outcome,
+    fewer_gc_passes,
+    socket_buffers_on_heap,
+)
 from gbif_assets.fetch.pipes import Batcher, child_fds, pipe_streams, receive, send, start_child
 from gbif_assets.fetch.verify import Verified, die_with_parent
 
@@ -136,6 +144,7 @@ async def _serve(read_fd: int, write_fd: int) -> None:
 
 def main(argv: list[str]) -> None:
     die_with_parent()
+    socket_buffers_on_heap()
     with fewer_gc_passes():
         asyncio.run(_serve(*child_fds(argv)))
 
