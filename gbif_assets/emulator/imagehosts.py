@@ -214,6 +214,8 @@ class _Host:
         fault = profile.fault
         if request.path.startswith("/ok/"):  # a redirect target always works
             fault = "ok"
+        elif request.path.startswith("/reset/"):  # on any host: this request's connection is reset
+            fault = "reset"
         if fault == "slow":
             await asyncio.sleep(float(params.get("delay_s", 0.5)))
         elif fault == "hang":

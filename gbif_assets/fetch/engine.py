@@ -324,6 +324,14 @@ class _HostLimit:
         self.active -= 1
         self._freed.set()
 
+    def failed_unanswered(self) -> None:
+        """A connection-level failure (timeout, refused, reset) at a host that has never answered:
+        no new request starts until those in flight tell whether it answers at all. Otherwise the
+        slot the failure freed starts another request before the second failure opens the
+        breaker, and a hanging host costs two timeouts instead of one."""
+        if not self.answers:
+            self.limit = max(1, self.active)
+
     def _pause(self, now: float, asked_s: float) -> None:
         """Hold every request to the host for what it asked, within [min_pause_s, max_pause_s]:
         "Retry-After: 0" is no licence to hammer, and no request waits an hour inside a run."""
@@ -849,6 +857,8 @@ class FetchEngine:
                 last = failure
                 failed = failure.host or host  # a dead redirect target does not close the link's own host
                 self._breaker.record(failed, failure.error, proven=self._host(failed).answers > 0)
+                if failure.error in BREAKER_ERRORS:
+                    self._host(failed).failed_unanswered()
                 self._log(
                     cand,
                     url,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import datetime as dt
 import hashlib
 import os
@@ -622,6 +623,25 @@ def test_host_that_never_answered_costs_one_timeout(hosts: ImageHosts, tmp_path:
     assert sum(a["error"] == "circuit_open" for a in engine.attempts) == 30
     # 8 global slots: had the hanging host held them, the 30 live images would wait for its timeouts
     assert elapsed < 1.9, elapsed  # one 1 s timeout, the live images fetched meanwhile
+
+
+def test_a_host_that_never_answered_starts_no_request_after_a_failure(hosts: ImageHosts, tmp_path: Path) -> None:
+    """The first of a new host's two requests is reset at once, the second hangs: the slot the
+    reset freed must not start a third request (it would hang too, and the run would wait out
+    two timeouts). The hang's timeout then opens the breaker, as in the test above."""
+    hang = [_cand(f"{hosts.base_urls['hang']}/reset/0.jpg", tmp_path, rank=0)]
+    hang += [_cand(f"{hosts.base_urls['hang']}/twice/{i}.jpg", tmp_path, rank=2 * i) for i in range(1, 30)]
+    live = [_cand(f"{hosts.base_urls['ok']}/next/{i}.jpg", tmp_path, rank=2 * i + 1) for i in range(30)]
+    started = time.monotonic()
+    engine = _run(
+        _config(timeout_s=1, retries=2, per_host=8, concurrency=8, breaker_failures=5, breaker_open_s=60),
+        {"s": (hang + live, 60)},
+    )
+    elapsed = time.monotonic() - started
+    assert sum(o.ok for o in engine.outcomes) == 30
+    errors = collections.Counter(a["error"] for a in engine.attempts if a["host"] == "127.0.0.20")
+    assert errors["reset"] == 1 and errors["timeout"] == 1, errors  # a third request would time out too
+    assert elapsed < 1.9, elapsed  # one 1 s timeout, not two
 
 
 def test_a_host_pause_lies_between_the_backoff_base_and_max() -> None:
