@@ -1031,7 +1031,7 @@ class FetchEngine:
             folder = self._made_dirs[cand.dest_dir] = str(cand.dest_dir)
         tmp = f"{folder}/.{cand.url_sha1}.{random.getrandbits(32):08x}.part"
         resize = bool(self.config.resize_max_side)
-        streamed = Streamed(ends=not resize, keep=self.config.decode_check and not resize)
+        streamed = Streamed(ends=not resize, keep=not resize)
         try:
             # a raw descriptor: the chunks are large, so a buffered writer only adds work
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)

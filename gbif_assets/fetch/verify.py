@@ -35,7 +35,7 @@ END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82", "GIF": b"\x3b"}
 HEAD_BYTES = 1 << 18  # the header (EXIF, ICC profile, then the frame size) of nearly every photo fits
 TAIL_BYTES = 1024  # the end marker sits in the last bytes of a whole file
 MAX_SCANS = 500  # scans per JPEG at most, as libjpeg-turbo's own fuzzers limit them (photos have ~10)
-BODY_BYTES = 1 << 21  # bodies up to this size are kept in memory for the JPEG walk; larger ones are walked from disk
+BODY_BYTES = 1 << 21  # bodies up to this size are kept in memory for the JPEG checks; larger ones are read from disk
 Image.MAX_IMAGE_PIXELS = None  # max_pixels is enforced here, from the header, per call
 
 
@@ -71,7 +71,8 @@ class Verified:
 
 class Streamed:
     """What the engine learns about a body while writing it: sha256, size, first and last bytes,
-    and (`keep=True`) the whole body while it stays within BODY_BYTES, for the JPEG walk.
+    and (`keep=True`) the whole body while it stays within BODY_BYTES, for the JPEG walk and the
+    scan count.
 
     A kept body is its own head and tail: its chunks are held, not copied (a copy of every body
     cost 5 us of the 2 cores' per-image budget); past BODY_BYTES, head and tail are cut from them
@@ -156,9 +157,9 @@ def _ends_properly(tail: bytes, fmt: str) -> bool:
     return marker is not None and marker in tail
 
 
-def jpeg_frame_size(head: bytes | bytearray) -> tuple[int, int] | None:
-    """(width, height) from a JPEG's frame header, found by walking its marker segments up to
-    the scan, or None: then Pillow reads the header.
+def jpeg_frame_size(head: bytes | bytearray) -> tuple[int, int, bool] | None:
+    """(width, height, progressive?) from a JPEG's frame header, found by walking its marker
+    segments up to the scan, or None: then Pillow reads the header.
 
     Pillow's header parse (and its EXIF reading) cost 27 us of the fetch's ~0.4 ms of CPU per
     image; this walk costs 6. It answers only where Pillow would open the file with the same
@@ -174,11 +175,11 @@ def jpeg_frame_size(head: bytes | bytearray) -> tuple[int, int] | None:
         if head[at] != 0xFF or length < 2 or after > end:
             return None
         if marker == 0xDA:  # start of scan: the header is over (Pillow refuses an empty frame)
-            return size if size and all(size) else None
+            return size if size and size[0] and size[1] else None
         if marker in _SOF_MARKERS:
             if size is not None or length < 8 or head[body] != 8 or head[body + 5] not in (1, 3, 4):
                 return None
-            size = (head[body + 3] << 8 | head[body + 4], head[body + 1] << 8 | head[body + 2])
+            size = (head[body + 3] << 8 | head[body + 4], head[body + 1] << 8 | head[body + 2], marker in _PROGRESSIVE)
         elif marker == 0xDB:  # quantization tables: 65 or 129 bytes each, filling the segment
             table = body
             while table < after:
@@ -192,6 +193,7 @@ def jpeg_frame_size(head: bytes | bytearray) -> tuple[int, int] | None:
 
 
 _SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xDE})
+_PROGRESSIVE = frozenset({0xC2, 0xC6, 0xCA, 0xCE})  # the frames Pillow calls progressive: the ones with many scans
 _SKIPPED_MARKERS = frozenset({0xC4, 0xCC, 0xDC, 0xDD, 0xDF, 0xFE})  # segments Pillow skips or stores whole
 
 
@@ -364,15 +366,17 @@ def jpeg_decodes_cleanly(data: bytes) -> bool:
 def settle_streamed(streamed: Streamed, max_pixels: int, decode: bool = False) -> Verified | None:
     """The verdict from the streamed bytes, or None when the file must be opened by
     `verify_image`: a header past the first HEAD_BYTES, an end marker missing (decode it to tell a
-    truncated file from one with data appended), anything the header parse tripped on, and with
-    `decode`, anything but a kept JPEG body that `jpeg_decodes_cleanly` vouches for."""
-    if (size := jpeg_frame_size(streamed.head)) is not None:
-        (width, height), fmt = size, "JPEG"
+    truncated file from one with data appended), anything the header parse tripped on, a
+    progressive JPEG too large to keep (its scans are counted from disk), and with `decode`,
+    anything but a kept JPEG body that `jpeg_decodes_cleanly` vouches for."""
+    if (frame := jpeg_frame_size(streamed.head)) is not None:
+        (width, height, progressive), fmt = frame, "JPEG"
     else:
         try:
             with Image.open(io.BytesIO(streamed.head), formats=OPEN_FORMATS) as img:
                 width, height = img.size
                 fmt, mode = img.format or "", img.mode
+                progressive = bool(img.info.get("progressive") or img.info.get("progression"))
         except Exception:  # a partial header or a bad file: verify_image judges the file itself
             return None
         refusal = _refusal(fmt, width, height, max_pixels, mode)
@@ -387,6 +391,10 @@ def settle_streamed(streamed: Streamed, max_pixels: int, decode: bool = False) -
             return None
     elif not _ends_properly(streamed.tail, fmt):
         return None
+    elif fmt == "JPEG" and progressive:  # only a progressive frame holds many scans: count them (a tarpit)
+        body = streamed.body()
+        if body is None or (refusal := _too_many_scans(body)) is not None:
+            return refusal
     mime, ext = PIL_FORMATS[fmt]
     return Verified(True, width=width, height=height, mime=mime, ext=ext,
                     sha256=streamed.digest.hexdigest(), size=streamed.size)  # fmt: skip

@@ -114,6 +114,9 @@ def _tarpit(scans: int, junk: bytes = b"") -> bytes:
 
 @pytest.mark.parametrize("decode", [True, False])
 def test_a_jpeg_split_into_too_many_scans_is_refused_before_any_decode(tmp_path: Path, decode: bool) -> None:
+    """From disk and from the streamed bytes, decode check on or off: with it off, the image
+    would otherwise be kept, and its first decode (the near-duplicate hash, a training loader)
+    would take minutes."""
     path = tmp_path / "tarpit.jpg"
     path.write_bytes(_tarpit(MAX_SCANS + 100))
     assert not jpeg_decodes_cleanly(path.read_bytes())  # not vouched for: the worker judges it
@@ -121,6 +124,14 @@ def test_a_jpeg_split_into_too_many_scans_is_refused_before_any_decode(tmp_path:
     verified = verify_image(str(path), MAX_PIXELS, decode=decode)
     assert verified.error == "decode_error" and "scan markers" in (verified.detail or "")
     assert time.process_time() - started < 0.5
+    streamed = settle_streamed(_streamed(path.read_bytes(), keep=True), MAX_PIXELS, decode=decode)
+    if decode:
+        assert streamed is None  # not vouched for: left to verify_image, as above
+    else:
+        assert streamed is not None and streamed.error == "decode_error" and "scan markers" in (streamed.detail or "")
+    data, comment = _tarpit(MAX_SCANS + 100), b"\xff\xfe\xff\xff" + b"c" * 65_533
+    big = data[:-2] + comment * (BODY_BYTES // len(comment) + 1) + data[-2:]  # too large to keep
+    assert settle_streamed(_streamed(big, keep=True), MAX_PIXELS, decode=False) is None  # counted from disk
 
 
 def test_html_is_not_an_image(tmp_path: Path) -> None:
@@ -219,6 +230,10 @@ def _mutated(data: bytes, rng: random.Random) -> bytes:
     return data[:first] + (segment + segment if kind == 2 else b"") + rest
 
 
+def _progressive(img: Image.Image) -> bool:
+    return bool(img.info.get("progressive"))
+
+
 def test_the_jpeg_header_walk_answers_only_where_pillow_reads_the_same_size() -> None:
     """The fast header walk stands in for Pillow's parse on the fetch path (decode off), so it
     must never pass a header Pillow would refuse or read another size from; on doubt it says None
@@ -226,16 +241,16 @@ def test_the_jpeg_header_walk_answers_only_where_pillow_reads_the_same_size() ->
     rng, answered, tried = random.Random(5), 0, 0
     for data in _jpegs():
         with Image.open(io.BytesIO(data)) as img:
-            assert jpeg_frame_size(data) == img.size  # the usual photo takes the fast path
+            assert jpeg_frame_size(data) == (*img.size, _progressive(img))  # the usual photo takes the fast path
         for _ in range(400):
             damaged = _mutated(data, rng)
-            size = jpeg_frame_size(damaged)
+            frame = jpeg_frame_size(damaged)
             tried += 1
-            if size is None:
+            if frame is None:
                 continue
             answered += 1
             with Image.open(io.BytesIO(damaged), formats=OPEN_FORMATS) as img:
-                assert (img.format, img.size) == ("JPEG", size), damaged[:64]
+                assert (img.format, *img.size, _progressive(img)) == ("JPEG", *frame), damaged[:64]
     assert answered > tried // 5  # the property was tested, not dodged
 
 
