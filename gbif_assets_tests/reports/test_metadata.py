@@ -79,6 +79,61 @@ def test_near_duplicates_are_flagged_not_removed(home: Path) -> None:
     assert flagged["99"] == original.path
 
 
+def test_perceptual_hashes_are_kept_and_reused_by_the_next_merge(home: Path) -> None:
+    """images.parquet carries each image's perceptual hash; the next merge takes it from there for
+    the same sha256 instead of decoding the image again (a monthly refresh decodes only new ones)."""
+    build_home(home)
+    merge_image_metadata(home)
+    first = {r["path"]: r["phash"] for r in pq.read_table(home / "metadata" / "images.parquet").to_pylist()}
+    assert first and all(isinstance(v, str) and len(v) == 16 for v in first.values())
+    path = sorted(first)[0]  # another picture at its path, under the same recorded sha256
+    (home / path).write_bytes(image_bytes((10, 200, 10), size=(64, 96)))
+    merge_image_metadata(home)
+    again = {r["path"]: r["phash"] for r in pq.read_table(home / "metadata" / "images.parquet").to_pylist()}
+    assert again == first
+    (home / "metadata" / "images.parquet").unlink()  # no earlier merge: hashed from the file
+    merge_image_metadata(home)
+    fresh = {r["path"]: r["phash"] for r in pq.read_table(home / "metadata" / "images.parquet").to_pylist()}
+    assert fresh[path] != first[path] and {k: v for k, v in fresh.items() if k != path} == {
+        k: v for k, v in first.items() if k != path
+    }
+
+
+def test_near_duplicate_blocks_agree_with_one_pass_per_image() -> None:
+    """The blocked search flags exactly what comparing each image with every earlier unflagged
+    one flags, keeper included (the nearest, the earliest on a tie), across block edges."""
+    import random
+
+    from gbif_assets.reports import metadata
+
+    rng = random.Random(7)
+    centres = [rng.getrandbits(64) for _ in range(60)]
+    hashes: list[int | None] = []
+    for _ in range(3000):
+        key = rng.choice(centres)
+        for bit in rng.sample(range(64), rng.choice([0, 1, 3, 6, 8, 9, 12, 30])):
+            key ^= 1 << bit
+        hashes.append(None if rng.random() < 0.02 else key)
+
+    def one_pass(hashes: list[int | None], max_distance: int) -> list[tuple[int, int]]:
+        keepers: list[int] = []
+        flagged = []
+        for index, key in enumerate(hashes):
+            if key is None:
+                continue
+            distances = [(hashes[k] ^ key).bit_count() for k in keepers]
+            if distances and min(distances) <= max_distance:
+                flagged.append((index, keepers[distances.index(min(distances))]))
+            else:
+                keepers.append(index)
+        return flagged
+
+    expected = one_pass(hashes, 8)
+    assert 500 < len(expected) < 2900  # both kinds, many of each
+    assert metadata.near_duplicate_pairs(hashes, 8, cells=5000) == expected  # blocks of a few images
+    assert metadata.near_duplicate_pairs(hashes, 8) == expected
+
+
 def test_missing_partitions_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"manifest.parquet not found: materialize `media_manifest`"):
         merge_image_metadata(tmp_path)
