@@ -52,7 +52,14 @@ SNIFF_BYTES = 16  # enough for every magic number in safety.MAGIC (WebP's is at 
 RATE_LIMIT_EXTRA_TRIES = 6  # a 429 is the host asking for patience, not a broken link
 REFUSED_ROUNDS_BEFORE_HOLD = 3  # ...but a host that refused this many rounds of its connections in a row is closed
 RETRYABLE = {"timeout", "reset", "truncated", "http_429", "http_5xx", "connect"}
-BREAKER_ERRORS = {"timeout", "connect", "reset", "dns", "protocol"}  # signs of a host that is down or not a web server
+BREAKER_ERRORS = {
+    "timeout",
+    "connect",
+    "reset",
+    "dns",
+    "protocol",
+    "tls",
+}  # signs of a host that is down or not a web server
 ATTEMPTS_EVERY_S = 0.5  # how often the attempt rows go to `on_attempts` (the partition's journal)
 UNPROVEN_BREAKER_FAILURES = 2  # a host that never answered is given up on sooner
 SLOW_START = 2  # connections to a host before it has answered
@@ -970,6 +977,8 @@ class FetchEngine:
                 except aiohttp.ClientConnectorError as exc:
                     if isinstance(exc.os_error, BlockedAddress):
                         raise _Failure("blocked", detail=str(exc.os_error)) from None
+                    if isinstance(exc, aiohttp.ClientSSLError):  # a bad certificate stays bad: not retried
+                        raise _Failure("tls", detail=str(exc)[:300]) from None
                     kind = "dns" if isinstance(exc, aiohttp.ClientConnectorDNSError) else "connect"
                     raise _Failure(kind, detail=str(exc)[:300]) from None
                 except (TimeoutError, aiohttp.ServerTimeoutError) as exc:  # aiohttp names the read and connect timeouts

@@ -8,6 +8,7 @@ import datetime as dt
 import hashlib
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -17,6 +18,8 @@ import aiohttp
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import trustme
+from aiohttp import web
 from PIL import Image
 
 from gbif_assets.emulator.imagehosts import ImageHosts, image_bytes
@@ -642,6 +645,43 @@ def test_a_host_that_never_answered_starts_no_request_after_a_failure(hosts: Ima
     errors = collections.Counter(a["error"] for a in engine.attempts if a["host"] == "127.0.0.20")
     assert errors["reset"] == 1 and errors["timeout"] == 1, errors  # a third request would time out too
     assert elapsed < 1.9, elapsed  # one 1 s timeout, not two
+
+
+def test_a_host_whose_certificate_is_refused_fails_as_tls_once_per_link(tmp_path: Path) -> None:
+    """An https image host whose certificate the client does not trust (expired, self-signed,
+    another name: all common on publisher servers) fails as `tls`, not `connect`: the link-rot
+    report names the cause, a certificate that stays bad is not retried, and the breaker closes
+    the host as for any connection-level failure."""
+    served = 0
+
+    async def handler(request: web.Request) -> web.Response:
+        nonlocal served
+        served += 1
+        return web.Response(body=image_bytes(str(request.url)), content_type="image/jpeg")
+
+    async def main() -> FetchEngine:
+        server_side = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        trustme.CA().issue_cert("127.0.0.46").configure_cert(server_side)  # a CA the client never heard of
+        app = web.Application()
+        app.router.add_get("/{name}", handler)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.46", 0, ssl_context=server_side)
+        await site.start()
+        port = runner.addresses[0][1]
+        engine = FetchEngine(_config(retries=3, breaker_failures=5))
+        try:
+            cands = [_cand(f"https://127.0.0.46:{port}/{i}.jpg", tmp_path, rank=i) for i in range(6)]
+            await engine.run({"s": (cands, 6)})
+        finally:
+            await runner.cleanup()
+        return engine
+
+    engine = asyncio.run(main())
+    errors = collections.Counter(a["error"] for a in engine.attempts)
+    assert errors == {"tls": 2, "circuit_open": 4}, errors  # never answered: the breaker opens after 2
+    assert all("certificate" in (a["detail"] or "").lower() for a in engine.attempts if a["error"] == "tls")
+    assert served == 0 and not any(o.ok for o in engine.outcomes)
 
 
 def test_a_host_pause_lies_between_the_backoff_base_and_max() -> None:
