@@ -603,6 +603,23 @@ def test_a_host_refusing_everything_with_long_pauses_costs_three_of_them(hosts: 
     assert time.monotonic() - started < 10
 
 
+def _hanging_host_beside_a_live_one(
+    hosts: ImageHosts, tmp_path: Path, first: str, folder: str
+) -> tuple[FetchEngine, float]:
+    """One stream: 30 links on the hanging host (the first at path `first`, the others under
+    `folder`) interleaved with 30 on a working host; every live one must be fetched."""
+    hang = [_cand(f"{hosts.base_urls['hang']}/{first}", tmp_path, rank=0)]
+    hang += [_cand(f"{hosts.base_urls['hang']}/{folder}/{i}.jpg", tmp_path, rank=2 * i) for i in range(1, 30)]
+    live = [_cand(f"{hosts.base_urls['ok']}/{folder}-live/{i}.jpg", tmp_path, rank=2 * i + 1) for i in range(30)]
+    started = time.monotonic()
+    engine = _run(
+        _config(timeout_s=1, retries=2, per_host=8, concurrency=8, breaker_failures=5, breaker_open_s=60),
+        {"s": (hang + live, 60)},
+    )
+    assert sum(o.ok for o in engine.outcomes) == 30
+    return engine, time.monotonic() - started
+
+
 def test_host_that_never_answered_costs_one_timeout(hosts: ImageHosts, tmp_path: Path) -> None:
     """Slow start gives a new host 2 connections; if both time out and the host never answered, the
     breaker opens (a host that has worked needs `breaker_failures`): one timeout, in parallel."""
@@ -610,15 +627,7 @@ def test_host_that_never_answered_costs_one_timeout(hosts: ImageHosts, tmp_path:
     stats.max_open_connections = stats.open_connections
     opened_before = stats.open_connections
     requests_before = stats.requests
-    hang = [_cand(f"{hosts.base_urls['hang']}/once/{i}.jpg", tmp_path, rank=2 * i) for i in range(30)]
-    live = [_cand(f"{hosts.base_urls['ok']}/beside/{i}.jpg", tmp_path, rank=2 * i + 1) for i in range(30)]
-    started = time.monotonic()
-    engine = _run(
-        _config(timeout_s=1, retries=2, per_host=8, concurrency=8, breaker_failures=5, breaker_open_s=60),
-        {"s": (hang + live, 60)},
-    )
-    elapsed = time.monotonic() - started
-    assert sum(o.ok for o in engine.outcomes) == 30
+    engine, elapsed = _hanging_host_beside_a_live_one(hosts, tmp_path, "once/0.jpg", "once")
     timeouts = [a for a in engine.attempts if a["error"] == "timeout"]
     assert len(timeouts) == 2  # two slots, two timeouts, then the breaker: not 5 failures x 8 slots
     assert stats.requests - requests_before == 2
@@ -632,16 +641,7 @@ def test_a_host_that_never_answered_starts_no_request_after_a_failure(hosts: Ima
     """The first of a new host's two requests is reset at once, the second hangs: the slot the
     reset freed must not start a third request (it would hang too, and the run would wait out
     two timeouts). The hang's timeout then opens the breaker, as in the test above."""
-    hang = [_cand(f"{hosts.base_urls['hang']}/reset/0.jpg", tmp_path, rank=0)]
-    hang += [_cand(f"{hosts.base_urls['hang']}/twice/{i}.jpg", tmp_path, rank=2 * i) for i in range(1, 30)]
-    live = [_cand(f"{hosts.base_urls['ok']}/next/{i}.jpg", tmp_path, rank=2 * i + 1) for i in range(30)]
-    started = time.monotonic()
-    engine = _run(
-        _config(timeout_s=1, retries=2, per_host=8, concurrency=8, breaker_failures=5, breaker_open_s=60),
-        {"s": (hang + live, 60)},
-    )
-    elapsed = time.monotonic() - started
-    assert sum(o.ok for o in engine.outcomes) == 30
+    engine, elapsed = _hanging_host_beside_a_live_one(hosts, tmp_path, "reset/0.jpg", "twice")
     errors = collections.Counter(a["error"] for a in engine.attempts if a["host"] == "127.0.0.20")
     assert errors["reset"] == 1 and errors["timeout"] == 1, errors  # a third request would time out too
     assert elapsed < 1.9, elapsed  # one 1 s timeout, not two
