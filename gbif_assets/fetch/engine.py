@@ -52,14 +52,8 @@ SNIFF_BYTES = 16  # enough for every magic number in safety.MAGIC (WebP's is at 
 RATE_LIMIT_EXTRA_TRIES = 6  # a 429 is the host asking for patience, not a broken link
 REFUSED_ROUNDS_BEFORE_HOLD = 3  # ...but a host that refused this many rounds of its connections in a row is closed
 RETRYABLE = {"timeout", "reset", "truncated", "http_429", "http_5xx", "connect"}
-BREAKER_ERRORS = {
-    "timeout",
-    "connect",
-    "reset",
-    "dns",
-    "protocol",
-    "tls",
-}  # signs of a host that is down or not a web server
+# signs of a host that is down, is not a web server, or cannot be trusted
+BREAKER_ERRORS = {"timeout", "connect", "reset", "dns", "protocol", "tls"}
 ATTEMPTS_EVERY_S = 0.5  # how often the attempt rows go to `on_attempts` (the partition's journal)
 UNPROVEN_BREAKER_FAILURES = 2  # a host that never answered is given up on sooner
 SLOW_START = 2  # connections to a host before it has answered
