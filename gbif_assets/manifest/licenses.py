@@ -17,7 +17,6 @@ from gbif_assets.recipe import LICENSE_IDS
 
 VERSIONS = ("1.0", "2.0", "2.5", "3.0", "4.0")
 _URL_RE = re.compile(r"creativecommons\.org/(licenses|publicdomain)/([a-z-]+)(?:/(\d\.\d))?", re.I)
-_VERSION_RE = re.compile(r"(?<![\d.])([1-4])[.,]([05])(?![\d])")
 _RESERVED_RE = re.compile(r"all rights reserved|©|\(c\)|copyright|tous droits", re.I)
 
 
@@ -59,34 +58,34 @@ def normalize_license(raw: str | None) -> str | None:
         return "unknown"  # any URL that is not a Creative Commons deed is a custom licence
     if _RESERVED_RE.search(lower):
         return "all-rights-reserved"
-    words = re.sub(r"[^a-z0-9.]+", " ", lower.replace("non-commercial", "noncommercial")).split()
-    version_match = _VERSION_RE.search(lower)
-    version = f"{version_match.group(1)}.{version_match.group(2)}" if version_match else None
-    if (
-        "cc0" in words
-        or "zero" in words
-        or ("cc" in words and "0" in words)
-        or "publicdomaindedication" in lower.replace(" ", "")
-    ):
+    words = " ".join(re.sub(r"[^a-z0-9.]+", " ", lower).split())
+    for spaced, joined in _PHRASES:
+        words = words.replace(spaced, joined)
+    versions = {f"{a}.{b}" for a, b in _ANY_VERSION_RE.findall(lower)}
+    if len(versions) > 1 or not versions <= set(VERSIONS):
+        return "unknown"  # a version no deed has (a jurisdiction port such as 2.1 JP), or two of them
+    version = versions.pop() if versions else None
+    if re.search(r"\bcc0\b|\bcc 0\b", words) or "publicdomaindedication" in lower.replace(" ", ""):
         return "CC0-1.0"
-    if "public" in words and "domain" in words:
+    if "public domain" in words or re.search(r"\bpdm\b", words):
         return "PDM-1.0"
-    if "pdm" in words:
-        return "PDM-1.0"
-    joined = " ".join(words)
-    is_cc = bool(re.search(r"\bcc\b|creative commons|\bby\b|attribution", joined))
-    if not is_cc:
-        return "unknown"
-    parts: set[str] = set()
-    if re.search(r"\bnc\b|noncommercial", joined):
-        parts.add("nc")
-    if re.search(r"\bsa\b|sharealike|share alike", joined):
-        parts.add("sa")
-    if re.search(r"\bnd\b|noderiv|no deriv", joined):
-        parts.add("nd")
-    for token in re.findall(r"by(?:-nc)?(?:-sa)?(?:-nd)?", lower.replace(" ", "-")):
-        parts |= set(token.split("-")) - {"by"}
+    if not (re.search(r"\bcc\b|creative commons", words) or _NAMED_RE.fullmatch(words)):
+        return "unknown"  # free text ("Photo by J. Smith", "used by permission") is no licence
+    parts = {part for part, pattern in _PARTS if re.search(pattern, words)}
     return _cc_id(parts, version)
+
+
+# Spellings of the licence elements, joined to one word each before the parts are read.
+_PHRASES = (("non commercial", "noncommercial"), ("share alike", "sharealike"), ("no derivatives", "noderivatives"),
+            ("no derivs", "noderivs"), ("no derivative works", "noderivatives"))  # fmt: skip
+_PARTS = (("nc", r"\bnc\b|noncommercial"), ("sa", r"\bsa\b|sharealike"), ("nd", r"\bnd\b|noderiv"))
+# A licence named without "CC" or "Creative Commons", and nothing else: "Attribution-NonCommercial 4.0
+# International", "BY-SA 3.0"
+_NAMED_RE = re.compile(
+    r"(attribution|by)( (noncommercial|sharealike|noderivs|noderivatives|nc|sa|nd))*( \d\.\d)?"
+    r"( (international|unported|generic|license|licence))*"
+)
+_ANY_VERSION_RE = re.compile(r"(?<![\d.])(\d)[.,](\d)(?![\d])")
 
 
 def license_url(license_id: str) -> str | None:
