@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -62,4 +63,18 @@ def clean_copy(tmp_path: Path) -> Path:
     """A copy of the shipped recipes folder (tests must not edit the real one)."""
     dest = tmp_path / "datasets_copy"
     shutil.copytree(DATASETS, dest)
+    return dest
+
+
+def corrupt_member(src: Path, dest: Path, member: str) -> Path:
+    """`src` with bytes flipped in the middle of `member`'s compressed data (a bit rot, a bad disk)."""
+    data = bytearray(src.read_bytes())
+    with zipfile.ZipFile(src) as archive:
+        info = archive.getinfo(member)
+    name_and_extra = int.from_bytes(data[info.header_offset + 26 : info.header_offset + 28], "little") + int.from_bytes(
+        data[info.header_offset + 28 : info.header_offset + 30], "little"
+    )
+    middle = info.header_offset + 30 + name_and_extra + info.compress_size // 2
+    data[middle : middle + 8] = b"\xff" * 8  # a deflate stream zlib itself refuses, not only a CRC mismatch
+    dest.write_bytes(bytes(data))
     return dest

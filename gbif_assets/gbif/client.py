@@ -14,6 +14,7 @@ import logging
 import os
 import random
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -335,5 +336,5 @@ def _zip_problem(path: Path) -> str | None:
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()
             return f"member {bad} is corrupt" if bad else None
-    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as exc:  # zlib: a member's deflate data is broken
         return str(exc) or type(exc).__name__

@@ -17,6 +17,7 @@ import tempfile
 import time
 import xml.etree.ElementTree as ET
 import zipfile
+import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,8 +146,10 @@ def _extract(archive: zipfile.ZipFile, member: str, scratch: Path, origin: str) 
     try:
         with archive.open(info) as src, open(fd, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
-    except (zipfile.BadZipFile, EOFError, OSError) as exc:
-        raise ArchiveError(f"{origin}: {member} is corrupt or truncated ({exc})") from None
+    except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as exc:  # zlib: its deflate data is broken
+        raise ArchiveError(
+            f"{origin}: {member} is corrupt or truncated ({exc}); delete the archive and run again to fetch it again"
+        ) from None
     return target
 
 

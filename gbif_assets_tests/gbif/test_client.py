@@ -6,6 +6,7 @@ import asyncio
 import email.utils
 import logging
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from gbif_assets.gbif import (
     query_to_predicate,
 )
 from gbif_assets.gbif.harvest import HarvestTooLarge
-from gbif_assets_tests.conftest import GBIF_TEST_PASSWORD, GBIF_TEST_USER
+from gbif_assets_tests.conftest import GBIF_TEST_PASSWORD, GBIF_TEST_USER, corrupt_member
 
 QUERY = {"speciesKey": [5352251, 3190653], "datasetKey": ["7a3679ef-5582-4aaa-81f0-8c2545cafc81"]}
 
@@ -69,6 +70,24 @@ def test_erased_download_says_request_again(emulator, tmp_path: Path) -> None:
 
     with pytest.raises(DownloadGone, match="request a new download"):
         asyncio.run(go())
+
+
+def test_an_archive_with_a_corrupt_member_is_refused_and_fetched_anew_next_time(tmp_path: Path) -> None:
+    """A zip whose directory is fine but whose member data is broken (zlib refuses it) is not a
+    valid archive: a clear error, no .part left behind, so the next run fetches it again instead
+    of resuming a file that can never check out."""
+    good = tmp_path / "good.zip"
+    with zipfile.ZipFile(good, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("occurrence.txt", "".join(f"{i}\tPlantae\t{i * 7919 % 1000}\n" for i in range(20_000)))
+    body = corrupt_member(good, tmp_path / "bad.zip", "occurrence.txt").read_bytes()
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(body=body, content_type="application/zip")
+
+    dest = tmp_path / "archive" / "0000001-000000000000000.zip"
+    with pytest.raises(GbifError, match=r"not a valid zip .*run again to re-fetch"):
+        _against(handler, lambda client: client.fetch_archive("0000001-000000000000000", dest))
+    assert not dest.exists() and not list(dest.parent.iterdir())
 
 
 async def _serve(handler) -> tuple[web.AppRunner, str]:

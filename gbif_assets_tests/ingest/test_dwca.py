@@ -12,6 +12,7 @@ import pytest
 from gbif_assets.emulator.archives import build_archive
 from gbif_assets.emulator.pool import load_recorded_records
 from gbif_assets.ingest import ArchiveError, load_archive
+from gbif_assets_tests.conftest import corrupt_member
 
 DATA = Path(__file__).parent / "data"
 REAL_2014 = DATA / "dwca-0000066-140928181241064.zip"
@@ -87,6 +88,13 @@ def test_truncated_zip(con: duckdb.DuckDBPyConnection, tmp_path: Path) -> None:
     bad = tmp_path / "cut.zip"
     bad.write_bytes(REAL_2014.read_bytes()[:50_000])
     with pytest.raises(ArchiveError, match=r"cut\.zip: not a readable zip, probably truncated"):
+        load_archive(bad, con, FIELDS)
+    _previous_intact(con)
+
+
+def test_a_corrupt_member_is_named_with_what_to_do(con: duckdb.DuckDBPyConnection, tmp_path: Path) -> None:
+    bad = corrupt_member(REAL_2014, tmp_path / "rot.zip", "multimedia.txt")
+    with pytest.raises(ArchiveError, match=r"rot\.zip: multimedia\.txt is corrupt .*delete the archive and run again"):
         load_archive(bad, con, FIELDS)
     _previous_intact(con)
 
