@@ -259,7 +259,7 @@ def load_archive(
         _setup(con, scratch)
         if "meta.xml" in names:
             result = _load_dwca(archive, con, fields, table, scratch, origin)
-        elif any(n.endswith(".parquet") for n in names):
+        elif any(_parquet_part(n) for n in names):
             result = _load_simple(archive, con, fields, table, scratch, origin, "SIMPLE_PARQUET")
         elif any(n.endswith(".csv") for n in names):
             result = _load_simple(archive, con, fields, table, scratch, origin, "SIMPLE_CSV")
@@ -400,6 +400,12 @@ def _stage_and_join(
     )
 
 
+def _parquet_part(member: str) -> bool:
+    """A file of a SIMPLE_PARQUET download: GBIF writes them as `occurrence.parquet/000000`,
+    `000001`... (a folder of parts without extensions); a plain `x.parquet` counts too."""
+    return not member.endswith("/") and (member.endswith(".parquet") or ".parquet/" in member)
+
+
 def _load_simple(
     archive: zipfile.ZipFile,
     con: duckdb.DuckDBPyConnection,
@@ -419,10 +425,8 @@ def _load_simple(
         spec.columns = dict(enumerate(header))
         source = _csv([path], spec, len(header), "simple_rejects")
     else:
-        for member in archive.namelist():
-            if member.endswith(".parquet"):
-                _extract(archive, member, scratch, origin)
-        source = f"read_parquet({literal(scratch / '*.parquet')})"
+        parts = [_extract(archive, m, scratch, origin) for m in archive.namelist() if _parquet_part(m)]
+        source = f"read_parquet([{', '.join(literal(part) for part in parts)}])"
     try:
         occurrences = con.execute(f"SELECT count(*) FROM {source}").fetchone()[0]
     except duckdb.Error as exc:

@@ -176,6 +176,31 @@ def test_simple_csv_has_no_media(tmp_path: Path, name: str) -> None:
     assert con.execute("SELECT count(*) FROM occurrences").fetchone()[0] == 0
 
 
+def test_simple_parquet_in_gbif_part_folder_layout_has_no_media(tmp_path: Path) -> None:
+    """GBIF's SIMPLE_PARQUET zip holds `occurrence.parquet/000000`, `000001`...: parts without an
+    extension in a folder named .parquet (here written from the real SIMPLE_CSV's rows)."""
+    src = Path(__file__).parents[2] / "gbif_assets" / "emulator" / "data" / "archives"
+    with zipfile.ZipFile(src / "simple-csv-0009886-250127130748423.zip") as archive:
+        member = next(n for n in archive.namelist() if n.endswith(".csv"))
+        (tmp_path / "occ.csv").write_bytes(archive.read(member))
+    con = duckdb.connect()
+    rows = con.execute(
+        f"SELECT count(*) FROM read_csv('{tmp_path / 'occ.csv'}', delim='\t', quote='', header=true, all_varchar=true)"
+    ).fetchone()[0]
+    zip_path = tmp_path / "0000008-000000000000001.zip"
+    with zipfile.ZipFile(zip_path, "w") as archive:
+        for part, (offset, limit) in enumerate([(0, rows // 2), (rows // 2, rows)]):
+            out = tmp_path / f"part{part}"
+            con.execute(
+                f"COPY (SELECT * FROM read_csv('{tmp_path / 'occ.csv'}', delim='\t', quote='', header=true, "
+                f"all_varchar=true) LIMIT {limit - offset} OFFSET {offset}) TO '{out}' (FORMAT parquet)"
+            )
+            archive.write(out, f"occurrence.parquet/{part:06d}")
+    result = load_archive(zip_path, con, FIELDS)
+    assert result.format == "SIMPLE_PARQUET" and result.occurrences == rows > 0 and result.rows_loaded == 0
+    assert "carry no media links" in result.notes[0]
+
+
 def test_failure_mid_load_keeps_previous_table(con: duckdb.DuckDBPyConnection, tmp_path: Path) -> None:
     with zipfile.ZipFile(REAL_2014) as z:
         meta = z.read("meta.xml").replace(b'encoding="UTF-8"', b'encoding="ISO-8859-1"', 1)
