@@ -69,9 +69,12 @@ def link_rot_report(home: Path) -> LinkRotReport:
                            FILTER (WHERE a.source = 'publisher') AS last_error,
                        arg_max(a.status, a.fetched_at)
                            FILTER (WHERE a.source = 'publisher') AS last_status,
-                       -- a link whose publisher was never asked (its host wanted to be left alone) is not
-                       -- judged, even if GBIF's cache then served it
-                       bool_or(a.source = 'publisher' AND a.error IS DISTINCT FROM 'host_paused') AS tried
+                       -- a link whose publisher was never asked is not judged, even if GBIF's cache then
+                       -- served it: its host wanted to be left alone, or this client refused to connect
+                       -- (blocked: a private or loopback address, not http(s))
+                       bool_or(a.source = 'publisher' AND a.error IS DISTINCT FROM 'host_paused'
+                               AND a.error IS DISTINCT FROM 'blocked') AS tried,
+                       bool_or(a.source = 'publisher' AND a.error = 'blocked') AS blocked
                 FROM {attempts} a
                 LEFT JOIN read_parquet({manifest}) m ON m.identifier = a.url
                 GROUP BY a.url"""
@@ -102,7 +105,9 @@ def link_rot_report(home: Path) -> LinkRotReport:
                FROM judged WHERE verdict <> 'valid'
                GROUP BY ALL ORDER BY links DESC, error_class, status NULLS FIRST""",
         )
-        untried = con.execute("SELECT count(*) FROM links WHERE NOT tried").fetchone()[0]
+        untried, blocked = con.execute(
+            "SELECT count(*) FILTER (WHERE NOT blocked), count(*) FILTER (WHERE blocked) FROM links WHERE NOT tried"
+        ).fetchone()
         totals = con.execute(
             """SELECT count(*), count(*) FILTER (WHERE verdict = 'valid'),
                       count(*) FILTER (WHERE verdict = 'rescued'),
@@ -122,6 +127,8 @@ def link_rot_report(home: Path) -> LinkRotReport:
         f"{tried - valid} invalid at the publisher ({percent}%), "
         f"of which {rescued} rescued by GBIF's image cache."
         + (f" {untried} more link(s) not asked for: their host wanted a longer pause than a run waits." * bool(untried))
+        + (f" {blocked} link(s) refused by this client, not judged: their address is private or loopback, or they"
+           " are not http(s) (`blocked` in metadata/downloads)." * bool(blocked))
         + "\n\n"
         "## Per label (Pitblado & Cronk, Table 1)\n\n"
         + md_table(per_label)

@@ -65,20 +65,26 @@ def test_no_attempt_logs_is_a_clear_error(tmp_path: Path) -> None:
     assert not (tmp_path / "reports").exists()
 
 
-def test_links_at_a_host_that_asked_for_a_pause_are_not_judged(home: Path) -> None:
-    """A host that said "Retry-After: one day" had its other links skipped (`host_paused`): they
-    were never requested, so they are neither valid nor dead; a dead host's skipped links
-    (`circuit_open`) still count as dead."""
+@pytest.mark.parametrize(
+    ("error", "said"),
+    [
+        ("host_paused", "4 more link(s) not asked for: their host wanted a longer pause than a run waits."),
+        ("blocked", "4 link(s) refused by this client, not judged: their address is private or loopback"),
+    ],
+)
+def test_links_the_publisher_was_never_asked_for_are_not_judged(home: Path, error: str, said: str) -> None:
+    """A host that said "Retry-After: one day" had its other links skipped (`host_paused`), and
+    this client refuses private addresses (`blocked`): those links were never requested, so they
+    are neither valid nor dead at the publisher; a dead host's skipped links (`circuit_open`)
+    still count as dead."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     log = home / "metadata" / "downloads" / "1001.parquet"
     rows = pq.read_table(log).to_pylist()
-    extra = [
-        {**rows[0], "url": f"https://img.a.example/paused/{i}.jpg", "error": "host_paused", "ms": 0} for i in range(4)
-    ]
+    extra = [{**rows[0], "url": f"https://img.a.example/never/{i}.jpg", "error": error, "ms": 0} for i in range(4)]
     extra.append({**extra[0], "error": None, "source": "gbif_cache", "ms": 5})  # the cache served one: still unjudged
     pq.write_table(pa.Table.from_pylist(rows + extra), log)
     report = link_rot_report(home)
     assert (report.links_tried, report.invalid) == (12, 2)
-    assert "4 more link(s) not asked for: their host wanted a longer pause than a run waits." in report.report_md
+    assert said in report.report_md
