@@ -101,18 +101,23 @@ def _resolve_selection(select: str | None, defs: dg.Definitions, recipe: Recipe)
     everything = {k for k in graph.get_all_asset_keys() if k.path[0] == recipe.name}
     if not select:
         return everything
+    names = ", ".join(sorted(k.to_user_string() for k in everything))
     text = select.strip()
+    parts = [part.strip() for part in text.split(",") if part.strip()]
     try:
         if any(token in text for token in (":", " ", "(")):
-            selection = dg.AssetSelection.from_string(text)
+            keys = dg.AssetSelection.from_string(text).resolve(graph)
         else:
-            selection = dg.AssetSelection.from_coercible([part.strip() for part in text.split(",") if part.strip()])
-        keys = selection.resolve(graph)
-    except Exception as exc:  # Dagster raises several types for unknown keys
-        raise BuildFailed(f"--select {select!r}: {exc}") from None
+            unknown = [part for part in parts if dg.AssetKey.from_user_string(part) not in everything]
+            if unknown or not parts:
+                raise BuildFailed(f"--select {select!r}: no asset {', '.join(unknown) or select!r}; assets: {names}")
+            keys = dg.AssetSelection.from_coercible(parts).resolve(graph)
+    except BuildFailed:
+        raise
+    except Exception as exc:  # Dagster raises several types for a selection it cannot parse
+        raise BuildFailed(f"--select {select!r}: {exc}; assets: {names}") from None
     keys &= everything
     if not keys:
-        names = ", ".join(sorted(k.to_user_string() for k in everything))
         raise BuildFailed(f"--select {select!r} matches no asset of {recipe.name}; assets: {names}")
     return keys
 
@@ -144,6 +149,7 @@ class _Runner:
         self.failures: list[str] = []
         self.warnings: list[str] = []
         self.gbif_failed = False  # GBIF refused or could not be reached: exit 2, as for a bad recipe
+        self.usage_error = False  # the command asked for something the dataset does not have: exit 2
         self.interrupted: Callable[[], None] = lambda: None  # raises KeyboardInterrupt after a Ctrl-C
 
     def _on_progress(self, stage: str, figures: dict) -> None:
@@ -227,13 +233,26 @@ class _Runner:
 def run_build(recipe: Recipe, options: BuildOptions) -> int:
     """Build what was selected; 0 when every asset and blocking check passed."""
     console = Console(stderr=False)
-    runner = _Runner(recipe, options, console)
-    runner.home.mkdir(parents=True, exist_ok=True)
-    with (runner.home / ".build.lock").open("a") as lock:
+    errors = Console(stderr=True)
+    if recipe.source.mode == "download" and not options.select:
+        try:  # before anything is written: a missing account is a setup error, not a failed step
+            steps.require_credentials(Settings.from_env(), "download mode")
+        except steps.StepError as exc:
+            errors.print(f"[red]error:[/red] {exc}")
+            return 2
+    try:
+        runner = _Runner(recipe, options, console)
+        runner.home.mkdir(parents=True, exist_ok=True)
+        lock = (runner.home / ".build.lock").open("a")
+    except OSError as exc:
+        where = exc.filename or Settings.from_env().home
+        errors.print(f"[red]error:[/red] GBIF_ASSETS_HOME (--home): cannot write {where}: {exc.strerror or exc}")
+        return 2
+    with lock:
         try:  # two builds of one dataset would fight over its warehouse and files
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            console.print(f"[red]error:[/red] another build of {recipe.name} is running in {runner.home}; wait for it")
+            errors.print(f"[red]error:[/red] another build of {recipe.name} is running in {runner.home}; wait for it")
             return 2
         try:
             with _signals_seen() as runner.interrupted:
@@ -274,18 +293,16 @@ def _signals_seen() -> Iterator[Callable[[], None]]:
 
 def _build(runner: _Runner, recipe: Recipe, options: BuildOptions, console: Console) -> int:
     name = recipe.name
+    key = lambda asset: dg.AssetKey([name, asset])  # noqa: E731
     try:
         selected = _resolve_selection(options.select, runner.defs, recipe)
-    except BuildFailed as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        return 2
-    key = lambda asset: dg.AssetKey([name, asset])  # noqa: E731
-    if key("download_request") in selected and recipe.source.mode == "download":
-        try:  # before anything runs: a missing account is a setup error, not a failed step
+        if options.partitions:
+            _check_partitions(runner, key("images") in selected)
+        if key("download_request") in selected and recipe.source.mode == "download":
             steps.require_credentials(runner.settings, "download mode")
-        except steps.StepError as exc:
-            console.print(f"[red]error:[/red] {exc}")
-            return 2
+    except (BuildFailed, steps.StepError) as exc:  # before anything runs: a usage or setup error
+        Console(stderr=True).print(f"[red]error:[/red] {exc}")
+        return 2
     upstream = [key(a) for a in UPSTREAM if key(a) in selected]
     ok = True
     if key("download_request") in upstream:
@@ -299,33 +316,70 @@ def _build(runner: _Runner, recipe: Recipe, options: BuildOptions, console: Cons
         ok = _run_partitions(runner, key("images"))
     if ok:
         ok = runner.materialize([key(a) for a in DOWNSTREAM if key(a) in selected])
+    nothing = ok and key("images") in selected and not options.partitions and not steps.image_counts(runner.home)
+    if nothing and (reasons := steps.failure_counts(runner.home)):  # links were tried and none gave an image
+        runner.failures.append(_why_no_images(reasons))
     summarize(console, recipe, runner.home, runner.failures, runner.warnings)
     if ok and not runner.failures:
         return 0
-    return 2 if runner.gbif_failed else 1
+    return 2 if runner.gbif_failed or runner.usage_error else 1
+
+
+def _labels(runner: _Runner) -> list[str]:
+    """The labels Dagster knows for this dataset, registered from the manifest on disk if need be."""
+    partitions_name = f"{runner.recipe.name}_labels"
+    registered = runner.instance.get_dynamic_partitions(partitions_name)
+    if not registered:  # a fresh instance: the manifest on disk knows the labels
+        registered = steps.manifest_labels(runner.home)
+        if registered:
+            runner.instance.add_dynamic_partitions(partitions_name, registered)
+    return list(registered)
+
+
+def _unknown_labels(wanted: list[str], labels: list[str]) -> str | None:
+    unknown = [p for p in wanted if p not in labels]
+    if not unknown:
+        return None
+    return f"unknown label(s) {', '.join(unknown)}; labels: {', '.join(labels[:30]) or 'none'}"
+
+
+def _check_partitions(runner: _Runner, images_selected: bool) -> None:
+    """--partition before anything runs: it applies to `images` only, and to labels the manifest has
+    (when there is none yet, the labels are checked once `media_manifest` has run)."""
+    if not images_selected:
+        raise BuildFailed("--partition picks labels of the images asset, which --select leaves out")
+    labels = _labels(runner)
+    if labels and (problem := _unknown_labels(runner.options.partitions, labels)):
+        raise BuildFailed(problem)
 
 
 def _run_partitions(runner: _Runner, images_key: dg.AssetKey) -> bool:
-    recipe = runner.recipe
-    partitions_name = f"{recipe.name}_labels"
-    registered = runner.instance.get_dynamic_partitions(partitions_name)
-    if not registered:  # a fresh instance: the manifest on disk knows the labels
-        labels = steps.manifest_labels(runner.home)
-        if labels:
-            runner.instance.add_dynamic_partitions(partitions_name, labels)
-            registered = labels
+    registered = _labels(runner)
     wanted = runner.options.partitions or registered
-    unknown = [p for p in wanted if p not in registered]
-    if unknown:
-        shown = ", ".join(registered[:30]) or "none (build media_manifest first)"
-        runner.failures.append(f"unknown label(s) {', '.join(unknown)}; labels: {shown}")
-        runner.console.print(f"[red]error:[/red] {runner.failures[-1]}")
+    if problem := _unknown_labels(wanted, registered):
+        runner.failures.append(problem)
+        runner.usage_error = True
+        runner.console.print(f"[red]error:[/red] {problem}")
         return False
     ok = True
     with runner.progress:
         for label in wanted:
             ok = runner.materialize([images_key], partition=label) and ok
     return ok
+
+
+def _why_no_images(reasons: dict[str, int]) -> str:
+    """The failure line of a build whose every fetch failed, with the likeliest cause. (A recipe
+    whose filters select nothing is an empty dataset, said by a warning, not a failure.)"""
+    top = max(reasons, key=reasons.__getitem__)
+    hint = BLOCKED_HINT if top == "blocked" else "see reports/link_rot.md"
+    return f"the dataset has no images: every fetch failed, most often {top} ({reasons[top]:,}); {hint}"
+
+
+BLOCKED_HINT = (
+    "`blocked` is this client's own refusal: the image URLs resolve to loopback, private or link-local "
+    "addresses (set GBIF_ASSETS_ALLOW_PRIVATE_HOSTS=1 only for a local test server), or are not http(s)"
+)
 
 
 def dataset_paths(home: Path) -> dict[str, Path]:
@@ -355,6 +409,8 @@ def summarize(console: Console, recipe: Recipe, home: Path, failures: list[str],
     reasons = steps.failure_counts(home)
     if reasons:
         console.print("failed fetch attempts by reason: " + ", ".join(f"{k}={v}" for k, v in reasons.items()))
+        if reasons.get("blocked", 0) * 2 > sum(reasons.values()):
+            console.print(f"  {BLOCKED_HINT}")
     for what, path in dataset_paths(home).items():
         if path.exists():
             console.print(f"  {what:<10} {path}")

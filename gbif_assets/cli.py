@@ -77,6 +77,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         return code
 
 
+def _seconds(text: str) -> float:
+    """A duration of more than 0 seconds (0 would poll GBIF in a tight loop, below 0 crashed)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of seconds above 0")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gbif-assets", description="GBIF occurrence media to ML image training sets (Dagster)."
@@ -96,8 +107,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--partition", action="append", help="only this label (repeatable)")
     p.add_argument("--home", help="dataset root (default $GBIF_ASSETS_HOME or ./data)")
-    p.add_argument("--poll-seconds", type=float, default=float(os.environ.get("GBIF_ASSETS_POLL_SECONDS", 30)))
-    p.add_argument("--wait-timeout", type=float, default=6 * 3600, help="max seconds to wait for GBIF")
+    p.add_argument(
+        "--poll-seconds",
+        type=_seconds,
+        default=os.environ.get("GBIF_ASSETS_POLL_SECONDS", "30"),
+        help="seconds between checks of a pending GBIF download (default 30)",
+    )
+    p.add_argument("--wait-timeout", type=_seconds, default=6 * 3600, help="max seconds to wait for GBIF")
     p.add_argument("-v", "--verbose", action="store_true", help="show Dagster's event log")
     p.set_defaults(func=_cmd_build)
 

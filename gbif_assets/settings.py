@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 DEFAULT_API_URL = "https://api.gbif.org/v1"
 _TRUE = {"1", "true", "yes", "on"}
@@ -30,6 +32,27 @@ def fetch_processes_from_env() -> int:
     return int(raw)
 
 
+def api_url_from_env() -> str:
+    """GBIF_API_URL, checked before anything runs: an http(s) URL with a host and a valid port."""
+    raw = os.environ.get("GBIF_API_URL", DEFAULT_API_URL).strip().rstrip("/")
+    try:
+        parts = urlsplit(raw)
+        port = parts.port  # raises on a port outside 0-65535 or not a number
+    except ValueError as exc:
+        raise SettingsError(f"GBIF_API_URL {raw!r} is not a usable URL ({exc}); e.g. {DEFAULT_API_URL}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or port == 0:
+        raise SettingsError(f"GBIF_API_URL {raw!r} must be an http(s) URL with a host, e.g. {DEFAULT_API_URL}")
+    return raw
+
+
+def duckdb_memory_from_env() -> str:
+    """GBIF_ASSETS_DUCKDB_MEMORY: DuckDB's memory budget for the warehouse steps (default 1500MB)."""
+    raw = os.environ.get("GBIF_ASSETS_DUCKDB_MEMORY", "").strip() or "1500MB"
+    if not re.fullmatch(r"\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)", raw, re.IGNORECASE):
+        raise SettingsError(f"GBIF_ASSETS_DUCKDB_MEMORY must be a size such as 1500MB or 4GB (got {raw!r})")
+    return raw
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything configurable by environment (DESIGN.md, "Configuration")."""
@@ -46,12 +69,13 @@ class Settings:
     @classmethod
     def from_env(cls) -> Settings:
         """Resolve settings now; paths are made absolute so a later chdir cannot move outputs."""
+        duckdb_memory_from_env()  # checked now, not in the middle of a build
         home = Path(os.environ.get("GBIF_ASSETS_HOME", "data")).resolve()
         for folder in (home, *home.parents):
             if folder.exists() and not folder.is_dir():
                 raise SettingsError(f"GBIF_ASSETS_HOME (--home) {home}: {folder} is a file, not a folder")
         return cls(
-            api_url=os.environ.get("GBIF_API_URL", DEFAULT_API_URL).rstrip("/"),
+            api_url=api_url_from_env(),
             username=os.environ.get("GBIF_USERNAME") or None,
             password=os.environ.get("GBIF_PASSWORD") or None,
             email=os.environ.get("GBIF_EMAIL") or None,

@@ -19,7 +19,7 @@ import duckdb
 
 from gbif_assets.ingest.schema import literal
 from gbif_assets.recipe import Recipe
-from gbif_assets.settings import Settings
+from gbif_assets.settings import Settings, duckdb_memory_from_env
 
 STATE_DIR = "state"
 REQUEST_STATE = "download_request.json"
@@ -57,7 +57,7 @@ def open_warehouse(home: Path, read_only: bool = False) -> duckdb.DuckDBPyConnec
     con.execute("SET threads = 2")
     con.execute("SET preserve_insertion_order = false")
     # DuckDB takes 80% of RAM by default; a bounded budget spills to disk instead (8M-row manifest: 1.6 GB RSS)
-    con.execute(f"SET memory_limit = {literal(os.environ.get('GBIF_ASSETS_DUCKDB_MEMORY', '1500MB'))}")
+    con.execute(f"SET memory_limit = {literal(duckdb_memory_from_env())}")
     if not read_only:
         con.execute(f"SET temp_directory = {literal(home / '.duckdb_tmp')}")
     manifest = home / "metadata" / "manifest.parquet"

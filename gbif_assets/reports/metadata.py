@@ -300,9 +300,17 @@ def check_files_match(home: Path) -> list[str]:
     return problems
 
 
+def merged_images(home: Path) -> Path:
+    """metadata/images.parquet, or an error that says which asset writes it."""
+    table = home / "metadata" / "images.parquet"
+    if not table.exists():
+        raise FileNotFoundError(f"{table} not found: materialize `image_metadata` first")
+    return table
+
+
 def check_hash_leakage(home: Path) -> list[str]:
     """The same bytes in two splits would leak test images into training."""
-    table = literal(home / "metadata" / "images.parquet")
+    table = literal(merged_images(home))
     con = duckdb.connect()
     try:
         found = con.execute(
@@ -316,7 +324,7 @@ def check_hash_leakage(home: Path) -> list[str]:
 
 def check_licenses(home: Path, allowed: list[str]) -> list[str]:
     """Rows whose licence the recipe does not allow."""
-    table = literal(home / "metadata" / "images.parquet")
+    table = literal(merged_images(home))
     con = duckdb.connect()
     try:
         rows = con.execute(f"SELECT path, license FROM read_parquet({table})").fetchall()
@@ -329,9 +337,7 @@ def rows_of(home: Path, sql_from_images: str) -> list[dict[str, Any]]:
     """Run a query over metadata/images.parquet (exposed as `images`) and return dict rows."""
     con = duckdb.connect()
     try:
-        con.execute(
-            f"CREATE VIEW images AS SELECT * FROM read_parquet({literal(home / 'metadata' / 'images.parquet')})"
-        )
+        con.execute(f"CREATE VIEW images AS SELECT * FROM read_parquet({literal(merged_images(home))})")
         cur = con.execute(sql_from_images)
         names = [d[0] for d in cur.description]
         return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]

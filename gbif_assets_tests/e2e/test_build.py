@@ -106,8 +106,12 @@ def test_select_one_asset_reuses_upstream(gbif_env: Path) -> None:
 
 def test_select_errors_name_the_problem(gbif_env: Path, capsys: pytest.CaptureFixture[str]) -> None:
     recipe = load_recipe(copy_recipe("invasive_plants", gbif_env / "datasets"))
-    assert run_build(recipe, BuildOptions(select="invasive_plants/nonexistent")) == 2
-    assert "nonexistent" in capsys.readouterr().out
+    for select in ("invasive_plants/nonexistent", ","):
+        assert run_build(recipe, BuildOptions(select=select)) == 2
+        err = " ".join(capsys.readouterr().err.split())
+        assert f"--select {select!r}" in err and "assets: invasive_plants/attribution" in err, err
+    assert run_build(recipe, BuildOptions(select="invasive_plants/occurrences", partitions=["5352251"])) == 2
+    assert "--partition picks labels of the images asset" in " ".join(capsys.readouterr().err.split())
     assert (
         run_build(
             recipe,
@@ -115,8 +119,11 @@ def test_select_errors_name_the_problem(gbif_env: Path, capsys: pytest.CaptureFi
         )
         == 0
     )
-    assert run_build(recipe, BuildOptions(select="invasive_plants/images", partitions=["999"])) == 1
-    assert "unknown label(s) 999" in capsys.readouterr().out
+    manifest = gbif_env / "data" / "invasive_plants" / "metadata" / "manifest.parquet"
+    built = manifest.stat().st_mtime_ns
+    assert run_build(recipe, BuildOptions(partitions=["999"])) == 2  # checked before the upstream runs again
+    assert "unknown label(s) 999" in capsys.readouterr().err
+    assert manifest.stat().st_mtime_ns == built
 
 
 def test_cli_validate_prints_predicate() -> None:
@@ -151,14 +158,57 @@ def test_demo_command_offline(tmp_path: Path) -> None:
     _assert_dataset(tmp_path / "data" / "invasive_plants", {"5352251", "3190653", "3189866"})
 
 
-def test_a_bad_setting_is_one_clear_line_and_nothing_is_written(tmp_path: Path) -> None:
-    env = {**os.environ, "GBIF_ASSETS_FETCH_PROCESSES": "many", "GBIF_ASSETS_HOME": str(tmp_path / "data")}
+@pytest.mark.parametrize(
+    ("setting", "value", "said"),
+    [
+        ("GBIF_ASSETS_FETCH_PROCESSES", "many", "GBIF_ASSETS_FETCH_PROCESSES must be a whole number"),
+        ("GBIF_API_URL", "not a url", "GBIF_API_URL 'not a url' must be an http(s) URL with a host"),
+        ("GBIF_API_URL", "ftp://127.0.0.1/v1", "GBIF_API_URL 'ftp://127.0.0.1/v1' must be an http(s) URL"),
+        ("GBIF_API_URL", "http://127.0.0.1:99999/v1", "GBIF_API_URL 'http://127.0.0.1:99999/v1' is not a usable URL"),
+        ("GBIF_ASSETS_DUCKDB_MEMORY", "lots", "GBIF_ASSETS_DUCKDB_MEMORY must be a size such as 1500MB"),
+        ("--poll-seconds", "-5", "argument --poll-seconds: '-5': give a number of seconds above 0"),
+        ("--poll-seconds", "0", "argument --poll-seconds: '0': give a number of seconds above 0"),
+    ],
+)
+def test_a_bad_setting_is_one_clear_line_and_nothing_is_written(
+    tmp_path: Path, setting: str, value: str, said: str
+) -> None:
+    env = {**os.environ, "GBIF_API_URL": "http://127.0.0.1:9/v1", "GBIF_ASSETS_HOME": str(tmp_path / "data")}
+    args = [setting, value] if setting.startswith("--") else []
+    if not args:
+        env[setting] = value
+    recipe = ROOT / "datasets" / "invasive_plants.yaml"
+    done = subprocess.run([sys.executable, "-m", "gbif_assets.cli", "build", str(recipe), *args], capture_output=True,
+                          text=True, env=env, timeout=120)  # fmt: skip
+    assert done.returncode == 2
+    assert said in " ".join(done.stderr.split()) and "Traceback" not in done.stderr, done.stderr
+    assert not (tmp_path / "data").exists()
+
+
+def test_a_home_that_cannot_be_written_is_a_setup_error(tmp_path: Path) -> None:
+    env = {**os.environ, "GBIF_API_URL": "http://127.0.0.1:9/v1", "GBIF_ASSETS_HOME": "/proc/gbif-assets-home"}
     recipe = ROOT / "datasets" / "invasive_plants.yaml"
     done = subprocess.run([sys.executable, "-m", "gbif_assets.cli", "build", str(recipe)], capture_output=True,
                           text=True, env=env, timeout=120)  # fmt: skip
     assert done.returncode == 2
-    assert "GBIF_ASSETS_FETCH_PROCESSES must be a whole number" in done.stderr and "Traceback" not in done.stderr
-    assert not (tmp_path / "data").exists()
+    assert "GBIF_ASSETS_HOME (--home): cannot write /proc/gbif-assets-home" in " ".join(done.stderr.split())
+    assert "Traceback" not in done.stderr
+
+
+def test_a_build_whose_every_fetch_failed_fails_and_says_why(
+    gbif_env: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The emulator's image hosts are on loopback: without GBIF_ASSETS_ALLOW_PRIVATE_HOSTS every
+    link is refused by this client. That is no successful build, and `blocked` is explained."""
+    monkeypatch.delenv("GBIF_ASSETS_ALLOW_PRIVATE_HOSTS")
+    path = copy_recipe("invasive_plants", gbif_env / "datasets", name="all_blocked")
+    assert run_build(load_recipe(path), BuildOptions()) == 1
+    out = " ".join(capsys.readouterr().out.split())
+    assert "the dataset has no images: every fetch failed, most often blocked" in out
+    assert "set GBIF_ASSETS_ALLOW_PRIVATE_HOSTS=1 only for a local test server" in out
+    assert "build succeeded" not in out
+    report = (gbif_env / "data" / "all_blocked" / "reports" / "link_rot.md").read_text()
+    assert "0 links tried" in report and "refused by this client, not judged" in report
 
 
 def test_setup_and_gbif_errors_say_why_and_exit_2(
@@ -169,9 +219,9 @@ def test_setup_and_gbif_errors_say_why_and_exit_2(
     monkeypatch.delenv("GBIF_USERNAME")
     recipe = load_recipe(copy_recipe("invasive_plants_download", gbif_env / "datasets"))
     assert run_build(recipe, BuildOptions(poll_seconds=0.2)) == 2
-    out = " ".join(capsys.readouterr().out.split())
-    assert "download mode needs a GBIF account: set GBIF_USERNAME" in out
-    assert not (gbif_env / "data" / "invasive_plants_download" / "state").exists()
+    err = " ".join(capsys.readouterr().err.split())
+    assert "download mode needs a GBIF account: set GBIF_USERNAME" in err
+    assert not (gbif_env / "data").exists()  # nothing written, not even Dagster's storage
     path = gbif_env / "datasets" / "gone.yaml"
     path.write_text("name: gone\nsource: {mode: existing, key: 9999999-999999999999999}\n")
     assert run_build(load_recipe(path), BuildOptions()) == 2
@@ -267,7 +317,7 @@ def test_a_second_build_of_the_same_dataset_is_refused(gbif_env: Path, capsys: p
     with (home / ".build.lock").open("a") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         assert run_build(recipe, BuildOptions()) == 2
-    assert "another build of invasive_plants is running" in " ".join(capsys.readouterr().out.split())
+    assert "another build of invasive_plants is running" in " ".join(capsys.readouterr().err.split())
     assert not (home / "warehouse.duckdb").exists()
 
 
