@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -29,6 +30,18 @@ from gbif_assets.ingest.schema import DOUBLE_FIELDS, MEDIA_COLUMNS, OCCURRENCE_F
 from gbif_assets.ingest.tables import replace_table
 
 MULTIMEDIA_ROW_TYPE = "http://rs.gbif.org/terms/1.0/Multimedia"
+AUDUBON_ROW_TYPE = "http://rs.tdwg.org/ac/terms/Multimedia"
+# Audubon Core terms that stand for a media column (local names, first found wins); the shared
+# Dublin Core ones (type, format, title, creator, publisher...) already carry the column's name.
+AUDUBON_TERMS = {
+    "identifier": ["accessURI"],
+    "references": ["furtherInformationURL", "attributionLinkURL"],
+    "license": ["WebStatement", "UsageTerms", "rights"],
+    "rightsHolder": ["Owner", "owner"],
+    "description": ["caption"],
+    "created": ["CreateDate"],
+    "source": ["providerLiteral"],
+}
 OCCURRENCE_ROW_TYPE = "http://rs.tdwg.org/dwc/terms/Occurrence"
 NS = "{http://rs.tdwg.org/dwc/text/}"
 INGEST_MEMORY = 10**9  # the most DuckDB may hold while loading, 1 GB: past it, it spills (large archives in 1.5 GB)
@@ -49,6 +62,22 @@ class FileSpec:
     columns: dict[int, str] = field(default_factory=dict)  # index -> term local name
     defaults: dict[str, str] = field(default_factory=dict)  # term local name -> meta.xml default value
     locations: list[str] = field(default_factory=list)  # every file (the text guide allows several)
+
+    def renamed(self, aliases: dict[str, list[str]]) -> FileSpec:
+        """This spec with each column in `aliases` taken from the first alias it has, when it has
+        no column of that name itself (Audubon Core's accessURI is the media's identifier)."""
+        columns, defaults = dict(self.columns), dict(self.defaults)
+        for name, candidates in aliases.items():
+            if self.index_of(name) is not None or name in defaults:
+                continue
+            for alias in candidates:
+                if (index := self.index_of(alias)) is not None or alias in defaults:
+                    if index is not None:
+                        columns[index] = name
+                    if alias in defaults:
+                        defaults[name] = defaults[alias]
+                    break
+        return dataclasses.replace(self, columns=columns, defaults=defaults)
 
     def index_of(self, name: str) -> int | None:
         for index, term in self.columns.items():
@@ -292,6 +321,21 @@ def _occurrence_select(core: FileSpec, fields: list[str]) -> tuple[list[str], li
     return exprs, missing
 
 
+def _has_rows(archive: zipfile.ZipFile, spec: FileSpec, origin: str) -> bool:
+    """Whether a data file holds a row past its header lines (read from the zip, not extracted)."""
+    for location in spec.locations:
+        try:
+            with archive.open(location) as handle:
+                lead = handle.read(1 << 16)
+        except KeyError:
+            raise ArchiveError(f"{origin}: meta.xml names {location}, but the archive has no such file") from None
+        except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as exc:
+            raise ArchiveError(f"{origin}: {location} is corrupt or truncated ({exc})") from None
+        if len(lead) == 1 << 16 or len([line for line in lead.splitlines() if line.strip()]) > spec.header_lines:
+            return True
+    return False
+
+
 def _load_dwca(
     archive: zipfile.ZipFile,
     con: duckdb.DuckDBPyConnection,
@@ -307,6 +351,12 @@ def _load_dwca(
         if spec.encoding.upper().replace("-", "") not in ("UTF8", ""):
             raise ArchiveError(f"{origin}: {spec.location} is {spec.encoding}; GBIF archives are UTF-8")
     media_spec = next((e for e in extensions if e.row_type == MULTIMEDIA_ROW_TYPE), None)
+    notes: list[str] = []
+    audubon = next((e for e in extensions if e.row_type == AUDUBON_ROW_TYPE), None)
+    if audubon is not None and (media_spec is None or not _has_rows(archive, media_spec, origin)):
+        # GBIF interprets Audubon Core into multimedia.txt; an archive without that still has the links
+        notes.append(f"media read from the Audubon Core extension {audubon.location} (GBIF's multimedia.txt has none)")
+        media_spec = audubon.renamed(AUDUBON_TERMS)
     core_paths = [_extract(archive, location, scratch, origin) for location in core.locations]
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="inflate") as pool:
         # inflate multimedia.txt while DuckDB parses the core: zlib and DuckDB both release the GIL
@@ -315,7 +365,7 @@ def _load_dwca(
             if media_spec
             else None
         )
-        return _stage_and_join(con, core, core_paths, media_spec, media_paths, fields, table, origin)
+        return _stage_and_join(con, core, core_paths, media_spec, media_paths, fields, table, origin, notes)
 
 
 def _stage_and_join(
@@ -327,12 +377,12 @@ def _stage_and_join(
     fields: list[str],
     table: str,
     origin: str,
+    notes: list[str],
 ) -> IngestResult:
     """Stage the used columns of both files, then one join writes the table (one media row each)."""
     for path in core_paths:
         _check_header(path, core, origin)
     occ_source = _csv(core_paths, core, _header_width(core_paths[0], core), "occ_rejects")
-    notes: list[str] = []
     occ_exprs, missing = _occurrence_select(core, fields)
     # stage only the columns we use: a GBIF occurrence.txt has ~250, we need ~25
     used = (
@@ -351,7 +401,9 @@ def _stage_and_join(
         media_spec = None
     if media_spec is None:
         if not notes:
-            notes.append("the archive has no multimedia.txt: zero media items, nothing to download")
+            notes.append(
+                "the archive has no multimedia.txt (nor Audubon Core media): zero media items, nothing to download"
+            )
         media_select = "SELECT NULL::VARCHAR AS gbifID, NULL::INTEGER AS media_index WHERE false"
         media_exprs = [f"NULL::VARCHAR AS {quote(c)}" for c in MEDIA_COLUMNS]
     else:

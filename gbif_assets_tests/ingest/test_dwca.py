@@ -201,6 +201,60 @@ def test_simple_parquet_in_gbif_part_folder_layout_has_no_media(tmp_path: Path) 
     assert "carry no media links" in result.notes[0]
 
 
+AC_EXTENSION = """  <extension encoding="UTF-8" fieldsTerminatedBy="\\t" linesTerminatedBy="\\n" fieldsEnclosedBy=""
+      ignoreHeaderLines="1" rowType="http://rs.tdwg.org/ac/terms/Multimedia">
+    <files><location>ac_multimedia.txt</location></files>
+    <coreid index="0" />
+    <field index="1" term="http://purl.org/dc/terms/type"/>
+    <field index="2" term="http://rs.tdwg.org/ac/terms/accessURI"/>
+    <field index="3" term="http://ns.adobe.com/xap/1.0/rights/WebStatement"/>
+    <field index="4" term="http://ns.adobe.com/xap/1.0/rights/Owner"/>
+    <field index="5" term="http://rs.tdwg.org/ac/terms/furtherInformationURL"/>
+    <field term="http://purl.org/dc/terms/format" default="image/jpeg"/>
+  </extension>
+</archive>"""
+
+
+@pytest.mark.parametrize("gbif_media", ["absent", "header only"])
+def test_media_only_in_an_audubon_core_extension_are_read(tmp_path: Path, gbif_media: str) -> None:
+    """Audubon Core (ac:accessURI, xmpRights:WebStatement...) is how many publishers describe
+    media; GBIF interprets it into multimedia.txt, but an archive without that (or with it empty)
+    still has the links: they are read from the extension, and the notes say so."""
+    with zipfile.ZipFile(REAL_2014) as archive:
+        meta = archive.read("meta.xml").decode()
+        rows = [line.split("\t") for line in archive.read("multimedia.txt").decode().splitlines()[1:]]
+    start = meta.index(
+        '  <extension encoding="UTF-8" fieldsTerminatedBy="\\t" linesTerminatedBy="\\n" '
+        'fieldsEnclosedBy="" ignoreHeaderLines="1" rowType="http://rs.gbif.org/terms/1.0/Multimedia">'
+    )
+    if gbif_media == "absent":
+        meta = meta[:start] + AC_EXTENSION
+    else:
+        meta = meta.replace("</archive>", AC_EXTENSION.split("</archive>")[0] + "</archive>")
+    lines = ["coreid\ttype\taccessURI\tWebStatement\tOwner\tfurtherInformationURL"]
+    lines += [f"{r[0]}\t{r[1]}\t{r[3]}\thttp://creativecommons.org/licenses/by/4.0/\tKU\t{r[4]}" for r in rows]
+    replace = {"meta.xml": meta.encode(), "ac_multimedia.txt": "\n".join(lines).encode() + b"\n"}
+    if gbif_media == "header only":
+        replace["multimedia.txt"] = (
+            b"gbifID\ttype\tformat\tidentifier\treferences\ttitle\tdescription\tcreated\t"
+            b"creator\tcontributor\tpublisher\taudience\tsource\tlicense\trightsHolder\n"
+        )
+    path = _rewrite(REAL_2014, tmp_path / "ac.zip", replace=replace)
+    with zipfile.ZipFile(path, "a") as archive:
+        archive.writestr("ac_multimedia.txt", replace["ac_multimedia.txt"])
+    con = duckdb.connect()
+    result = load_archive(path, con, FIELDS)
+    assert result.media_rows == len(rows) == 215
+    assert any("Audubon Core extension ac_multimedia.txt" in note for note in result.notes)
+    loaded = con.execute(
+        'SELECT count(*), count(DISTINCT identifier), min(license), min("rightsHolder"), min(format) FROM occurrences'
+    ).fetchone()
+    links = len({r[3] for r in rows if r[3]})
+    assert loaded == (result.rows_loaded, links, "http://creativecommons.org/licenses/by/4.0/", "KU", "image/jpeg")
+    expected = {(r[0], r[3] or None) for r in rows}
+    assert set(con.execute("SELECT gbifID, identifier FROM occurrences").fetchall()) <= expected
+
+
 def test_failure_mid_load_keeps_previous_table(con: duckdb.DuckDBPyConnection, tmp_path: Path) -> None:
     with zipfile.ZipFile(REAL_2014) as z:
         meta = z.read("meta.xml").replace(b'encoding="UTF-8"', b'encoding="ISO-8859-1"', 1)
