@@ -148,6 +148,7 @@ class _Runner:
         self.assets = list(self.defs.assets or []) + list(self.defs.asset_checks or [])
         self.failures: list[str] = []
         self.warnings: list[str] = []
+        self.notes: list[str] = []  # what the assets said of their input (rows skipped, media source...)
         self.gbif_failed = False  # GBIF refused or could not be reached: exit 2, as for a bad recipe
         self.usage_error = False  # the command asked for something the dataset does not have: exit 2
         self.interrupted: Callable[[], None] = lambda: None  # raises KeyboardInterrupt after a Ctrl-C
@@ -183,6 +184,11 @@ class _Runner:
             run_config=self._run_config(),
         )
         self.interrupted()  # a Ctrl-C that Dagster caught between its checkpoints, or that failed a query
+        for event in result.get_asset_materialization_events():
+            materialization = event.event_specific_data.materialization
+            notes = materialization.metadata.get("notes")
+            if isinstance(notes, dg.JsonMetadataValue) and isinstance(notes.data, list):
+                self.notes += [f"{materialization.asset_key.path[-1]}: {note}" for note in notes.data]
         for event in result.get_step_failure_events():
             error = event.event_specific_data.error
             if _caused_by(error, "DagsterExecutionInterruptedError", "KeyboardInterrupt"):
@@ -319,7 +325,7 @@ def _build(runner: _Runner, recipe: Recipe, options: BuildOptions, console: Cons
     nothing = ok and key("images") in selected and not options.partitions and not steps.image_counts(runner.home)
     if nothing and (reasons := steps.failure_counts(runner.home)):  # links were tried and none gave an image
         runner.failures.append(_why_no_images(reasons))
-    summarize(console, recipe, runner.home, runner.failures, runner.warnings)
+    summarize(console, recipe, runner.home, runner.failures, runner.warnings, runner.notes)
     if ok and not runner.failures:
         return 0
     return 2 if runner.gbif_failed or runner.usage_error else 1
@@ -392,8 +398,11 @@ def dataset_paths(home: Path) -> dict[str, Path]:
     }
 
 
-def summarize(console: Console, recipe: Recipe, home: Path, failures: list[str], warnings: list[str]) -> None:
-    """Images per split and label, failures by reason, and where the files are."""
+def summarize(
+    console: Console, recipe: Recipe, home: Path, failures: list[str], warnings: list[str], notes: list[str]
+) -> None:
+    """Images per split and label, failures by reason, where the files are, and what the assets
+    noted of their input (rows skipped and why, where the media came from)."""
     counts = steps.image_counts(home)
     if counts:
         splits = sorted({s for _, s in counts}, key=("train", "val", "test").index)
@@ -414,6 +423,8 @@ def summarize(console: Console, recipe: Recipe, home: Path, failures: list[str],
     for what, path in dataset_paths(home).items():
         if path.exists():
             console.print(f"  {what:<10} {path}")
+    for note in notes:
+        console.print(f"note: {note}")
     for warning in warnings:
         console.print(f"[yellow]warning:[/yellow] {warning}")
     if failures:

@@ -55,10 +55,12 @@ def _assert_dataset(home: Path, recipe_labels: set[str] | None = None) -> set[st
     return labels
 
 
-def test_build_search_mode(gbif_env: Path) -> None:
+def test_build_search_mode(gbif_env: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = copy_recipe("invasive_plants", gbif_env / "datasets")
     recipe = load_recipe(path)
     assert run_build(recipe, BuildOptions()) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "note: image_metadata: " in out and "near-duplicate image(s) flagged" in out  # the assets' notes
     home = gbif_env / "data" / recipe.name
     labels = _assert_dataset(home, {"5352251", "3190653", "3189866"})
     for label in labels:  # every label is in train
