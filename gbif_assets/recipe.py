@@ -38,6 +38,15 @@ LICENSE_IDS: tuple[str, ...] = (
     "unknown",
 )
 SPLIT_NAMES = ("train", "val", "test")
+MEDIA_TYPES = ("StillImage", "MovingImage", "Sound", "InteractiveResource")  # GBIF's MediaType (DCMI types)
+# names servers and publishers give the formats the fetch engine keeps
+FORMAT_SYNONYMS = {
+    "image/jpg": "image/jpeg",
+    "image/pjpeg": "image/jpeg",
+    "image/x-png": "image/png",
+    "image/tif": "image/tiff",
+    "image/x-tiff": "image/tiff",
+}
 
 
 class RecipeError(ValueError):
@@ -53,6 +62,12 @@ def _listify(value: Any) -> list[Any]:
     if value is None:
         return []
     return list(value) if isinstance(value, list | tuple) else [value]
+
+
+def _mime(text: str) -> str:
+    """A format as the manifest compares it: lower case, and image/jpg or image/pjpeg as image/jpeg."""
+    mime = text.strip().lower()
+    return FORMAT_SYNONYMS.get(mime, mime)
 
 
 def _no_typo(field: str) -> None:
@@ -132,7 +147,7 @@ class Source(_Model):
         if self.predicate is not None:
             from gbif_assets.gbif.predicate import validate_predicate
 
-            validate_predicate(self.predicate)
+            validate_predicate(self.predicate)  # a PredicateError: parse_recipe names the path inside it
         return self
 
 
@@ -172,8 +187,23 @@ class HostFilter(AllowDeny):
                         f"{value!r} is not a host name (like inaturalist-open-data.s3.amazonaws.com, "
                         "*.amazonaws.com for its subdomains only, or an IP address)"
                     ) from None
+                if host.startswith("*.") and host[2:].replace(".", "").isdigit():
+                    raise ValueError(
+                        f"{value!r}: an IP address has no subdomains, so a wildcard on it matches nothing; "
+                        "give the address alone (like 127.0.0.2)"
+                    ) from None
             out.append(host)
         return out
+
+    @model_validator(mode="after")
+    def _not_both(self) -> HostFilter:
+        both = [host for host in self.allow if host in self.deny]
+        if both:
+            raise ValueError(
+                f"{', '.join(map(repr, both))} is in both allow and deny, so none of its images could be fetched; "
+                "keep each host in one list"
+            )
+        return self
 
 
 class Filters(_Model):
@@ -197,22 +227,51 @@ class Filters(_Model):
                 raise ValueError(f"{value!r} is not a licence id; allowed: " + ", ".join(LICENSE_IDS))
         return values
 
-    @field_validator("formats")
+    @field_validator("formats", mode="before")
     @classmethod
-    def _formats(cls, values: list[str]) -> list[str]:
+    def _formats(cls, value: Any) -> list[str]:
+        """A format the fetch engine cannot keep, or a typo, would silently select nothing."""
+        from gbif_assets.fetch.verify import PIL_FORMATS
+        from gbif_assets.gbif.predicate import typo_of
+
+        allowed = [mime for mime, _ in PIL_FORMATS.values()]
+        values = _listify(value)
         if not values:
             raise ValueError("give at least one format (like image/jpeg); an empty list would keep nothing")
-        for value in values:
-            if not re.match(r"^image/[a-z0-9.+-]+$", value):
-                raise ValueError(f"{value!r} is not an image MIME type (like image/jpeg)")
-        return values
+        out = []
+        for item in values:
+            mime = _mime(item) if isinstance(item, str) else item
+            if mime not in allowed:
+                meant = None
+                if isinstance(item, str):
+                    bare = _mime(f"image/{mime}")  # "jpeg" or "png" alone
+                    meant = typo_of(mime, set(allowed)) or (bare if bare in allowed else None)
+                hint = f"did you mean {meant!r}? " if meant else ""
+                raise ValueError(
+                    f"{item!r} is not an image MIME type the fetch engine keeps; {hint}allowed: " + ", ".join(allowed)
+                )
+            out.append(mime)
+        return list(dict.fromkeys(out))
 
-    @field_validator("media_types")
+    @field_validator("media_types", mode="before")
     @classmethod
-    def _media_types(cls, values: list[str]) -> list[str]:
+    def _media_types(cls, value: Any) -> list[str]:
+        """GBIF's media types, in GBIF's spelling: the manifest compares them, a typo keeps nothing."""
+        from gbif_assets.gbif.predicate import typo_of
+
+        values = _listify(value)
         if not values:
             raise ValueError("give at least one media type (like StillImage); an empty list would keep nothing")
-        return values
+        known = {kind.lower(): kind for kind in MEDIA_TYPES}
+        out = []
+        for item in values:
+            kind = known.get(item.strip().lower()) if isinstance(item, str) else None
+            if kind is None:
+                meant = typo_of(item.strip(), set(MEDIA_TYPES)) if isinstance(item, str) else None
+                hint = f"did you mean {meant!r}? " if meant else ""
+                raise ValueError(f"{item!r} is not a GBIF media type; {hint}allowed: " + ", ".join(MEDIA_TYPES))
+            out.append(kind)
+        return list(dict.fromkeys(out))
 
 
 class Balance(_Model):
@@ -258,16 +317,35 @@ class Balance(_Model):
 class Split(_Model):
     """Train/val/test fractions; assignment is grouped by occurrence and stable."""
 
-    train: Annotated[float, Field(ge=0, le=1)] = 0.8
-    val: Annotated[float, Field(ge=0, le=1)] = 0.1
-    test: Annotated[float, Field(ge=0, le=1)] = 0.1
+    train: float = 0.8
+    val: float = 0.1
+    test: float = 0.1
+
+    @field_validator(*SPLIT_NAMES, mode="before")
+    @classmethod
+    def _fraction(cls, value: Any) -> Any:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:  # NaN fails too
+            raise ValueError(f"must be a number between 0 and 1, got {value!r}")
+        return value
 
     @model_validator(mode="after")
     def _sums_to_one(self) -> Split:
         total = self.train + self.val + self.test
         if abs(total - 1.0) > 1e-6:
-            raise ValueError(f"train + val + test must sum to 1, got {total:g}")
+            left_out = [name for name in SPLIT_NAMES if name not in self.model_fields_set]
+            raise ValueError(f"train + val + test must sum to 1, got {total:g}" + _defaults_note(left_out))
         return self
+
+
+def _defaults_note(left_out: list[str]) -> str:
+    """Say which parts were left out and their defaults: `{train: 0.9}` sums to 1.1 because of them."""
+    if not left_out:
+        return ""
+    defaults = [f"{Split.model_fields[name].default:g}" for name in left_out]
+    if len(left_out) == 1:
+        return f" ({left_out[0]} was left out and defaults to {defaults[0]}; give all three)"
+    amounts = f"{defaults[0]} each" if len(set(defaults)) == 1 else " and ".join(defaults)
+    return f" ({' and '.join(left_out)} were left out and default to {amounts}; give all three)"
 
 
 class Download(_Model):
@@ -285,6 +363,7 @@ class Download(_Model):
     decode_check: bool = True  # every image must decode (JPEG: structure walk); off: header, pixels, end marker
 
 
+_CRON_FIELDS = ("minute", "hour", "day-of-month", "month", "day-of-week")
 _CRON_RANGES = ((0, 59), (0, 23), (1, 31), (1, 12), (0, 7))
 _CRON_NAMES = (
     None,
@@ -298,20 +377,23 @@ _CRON_NAMES = (
 _MONTH_DAYS = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
 
 
-def _cron_values(text: str, lo: int, hi: int, names: str | None) -> set[int] | None:
-    """The values a cron field allows, or None when it is not valid cron."""
+def _cron_values(text: str, lo: int, hi: int, names: str | None) -> set[int]:
+    """The values a cron field allows; a ValueError says why the field is not valid cron."""
     lookup = {n: i + (1 if names and names.startswith("jan") else 0) for i, n in enumerate((names or "").split())}
+    invalid = ValueError(f"is not valid cron (allowed {lo}-{hi}, *, ranges, steps)")
     values: set[int] = set()
     for part in text.split(","):
         base, _, step = part.partition("/")
         if step and not (step.isdigit() and int(step) > 0):
-            return None
+            raise invalid
         bounds = [str(lo), str(hi)] if base == "*" else base.split("-")
         if len(bounds) > 2:
-            return None
+            raise invalid
         numbers = [lookup.get(b.lower()) if not b.isdigit() else int(b) for b in bounds]
         if any(n is None or not lo <= n <= hi for n in numbers):
-            return None
+            raise invalid
+        if numbers[0] > numbers[-1]:  # one rule for every field: cron ranges do not wrap around
+            raise ValueError(f"has a reversed range {base!r}; write the low bound first (ranges do not wrap around)")
         first = numbers[0]
         last = numbers[-1] if len(numbers) == 2 else (hi if step else first)  # "5/10" runs to the top
         values.update(range(first, last + 1, int(step or 1)))
@@ -324,11 +406,11 @@ def validate_cron(expr: str) -> str:
     if len(fields) != 5:
         raise ValueError(f"{expr!r} must have 5 fields (minute hour day-of-month month day-of-week)")
     allowed = []
-    for text, (lo, hi), names in zip(fields, _CRON_RANGES, _CRON_NAMES, strict=True):
-        values = _cron_values(text, lo, hi, names)
-        if values is None:
-            raise ValueError(f"{expr!r}: field {text!r} is not valid cron (allowed {lo}-{hi}, *, ranges, steps)")
-        allowed.append(values)
+    for field, text, (lo, hi), names in zip(_CRON_FIELDS, fields, _CRON_RANGES, _CRON_NAMES, strict=True):
+        try:
+            allowed.append(_cron_values(text, lo, hi, names))
+        except ValueError as exc:
+            raise ValueError(f"{expr!r}: {field} field {text!r} {exc}") from None
     days, months = allowed[2], allowed[3]
     if not any(day <= _MONTH_DAYS[month - 1] for day in days for month in months):  # as Dagster refuses it
         raise ValueError(f"{expr!r}: no month in it has such a day, so the schedule would never run")
@@ -349,17 +431,17 @@ class Recipe(_Model):
     refresh_vanished: Literal["keep", "remove"] = "keep"
     description: str | None = None
 
-    @field_validator("name")
+    @field_validator("name", mode="before")
     @classmethod
-    def _name(cls, value: str) -> str:
-        if not NAME_RE.match(value):
-            raise ValueError(f"{value!r} must match [a-z][a-z0-9_]* (lower case, digits, underscores)")
+    def _name(cls, value: Any) -> str:
+        if not isinstance(value, str) or not NAME_RE.match(value):
+            raise ValueError(f"{value!r} must be text matching [a-z][a-z0-9_]* (lower case, digits, underscores)")
         return value
 
-    @field_validator("label")
+    @field_validator("label", mode="before")
     @classmethod
-    def _label(cls, value: str) -> str:
-        if not FIELD_RE.match(value):
+    def _label(cls, value: Any) -> str:
+        if not isinstance(value, str) or not FIELD_RE.match(value):
             raise ValueError(f"{value!r} is not an occurrence field name (like speciesKey)")
         _no_typo(value)
         return value
@@ -397,14 +479,18 @@ def parse_recipe(data: Any, origin: str) -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
+        from gbif_assets.gbif.predicate import PredicateError
+
         lines = []
         for err in exc.errors():
-            msg = err["msg"].removeprefix("Value error, ")
+            where, msg = _format_loc(err["loc"]), err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
                 msg = "unknown field (check the spelling against the recipe reference in README.md)"
             elif err["type"] == "missing":
                 msg = "required field is missing"
-            lines.append(f"  {_format_loc(err['loc'])}: {msg}")
+            elif isinstance(error := err.get("ctx", {}).get("error"), PredicateError):
+                where, msg = f"{where}.{error.path}", error.reason  # source.predicate.predicates[1].key
+            lines.append(f"  {where}: {msg}")
         raise RecipeError(f"{origin}: invalid recipe\n" + "\n".join(lines)) from None
 
 
@@ -418,6 +504,12 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             if key_node.tag == "tag:yaml.org,2002:merge":
                 continue
             key = self.construct_object(key_node, deep=deep)
+            try:  # "? [a, b]": YAML allows a list or mapping as a key, a Python mapping cannot hold one
+                hash(key)
+            except TypeError:
+                raise yaml.constructor.ConstructorError(
+                    None, None, "a key must be a plain name, not a list or mapping", key_node.start_mark
+                ) from None
             if key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
             seen.add(key)
@@ -442,6 +534,10 @@ def load_recipe(path: str | Path) -> Recipe:
         data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         raise RecipeError(f"{origin}: not valid YAML: {exc}") from None
+    except RecursionError:
+        raise RecipeError(
+            f"{origin}: nested too deeply to read (a recipe needs a few levels of nesting, a predicate a handful)"
+        ) from None
     recipe = parse_recipe(data, origin)
     if path.stem != recipe.name:
         raise RecipeError(

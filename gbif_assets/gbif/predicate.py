@@ -7,6 +7,7 @@ network functions are never called, since they hard-code GBIF's hosts.
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from typing import Any
 
@@ -61,6 +62,56 @@ COMPARISONS = {
 }
 TYPES = COMPARISONS | {"and", "or", "not", "in", "isNull", "isNotNull", "within", "geoDistance"}
 KEY_RE = re.compile(r"^[A-Z][A-Z0-9_]*$")
+# GBIF's OccurrenceSearchParameter (gbif-api), the keys a download predicate may use: another key
+# is an HTTP 400. A key close to one of these is refused as a typo; one near none (GBIF adds
+# parameters) is left to GBIF. CHECKLIST_KEY and VERBATIM_TAXON_ID are newer than the enum copied.
+PREDICATE_KEYS = frozenset({
+    "DATASET_KEY", "YEAR", "MONTH", "START_DAY_OF_YEAR", "END_DAY_OF_YEAR", "EVENT_DATE", "EVENT_DATE_GTE",
+    "EVENT_DATE_LTE", "EVENT_ID", "PARENT_EVENT_ID", "SAMPLING_PROTOCOL", "PREVIOUS_IDENTIFICATIONS",
+    "LAST_INTERPRETED", "MODIFIED", "DECIMAL_LATITUDE", "DECIMAL_LONGITUDE", "COORDINATE_UNCERTAINTY_IN_METERS",
+    "COUNTRY", "GBIF_REGION", "CONTINENT", "PUBLISHING_COUNTRY", "PUBLISHED_BY_GBIF_REGION", "ELEVATION", "DEPTH",
+    "INSTITUTION_CODE", "COLLECTION_CODE", "CATALOG_NUMBER", "RECORDED_BY", "IDENTIFIED_BY", "RECORD_NUMBER",
+    "BASIS_OF_RECORD", "SEX", "IS_SEQUENCED", "TAXON_KEY", "ACCEPTED_TAXON_KEY", "KINGDOM_KEY", "PHYLUM_KEY",
+    "CLASS_KEY", "ORDER_KEY", "FAMILY_KEY", "GENUS_KEY", "SUBGENUS_KEY", "SPECIES_KEY", "SCIENTIFIC_NAME",
+    "VERBATIM_SCIENTIFIC_NAME", "TAXON_ID", "TAXON_CONCEPT_ID", "TAXONOMIC_STATUS", "HAS_COORDINATE", "GEOMETRY",
+    "GEO_DISTANCE", "DISTANCE_FROM_CENTROID_IN_METERS", "HAS_GEOSPATIAL_ISSUE", "ISSUE", "TYPE_STATUS",
+    "MEDIA_TYPE", "OCCURRENCE_ID", "ESTABLISHMENT_MEANS", "DEGREE_OF_ESTABLISHMENT", "PATHWAY", "REPATRIATED",
+    "ORGANISM_ID", "STATE_PROVINCE", "WATER_BODY", "LOCALITY", "PROTOCOL", "LICENSE", "PUBLISHING_ORG",
+    "NETWORK_KEY", "INSTALLATION_KEY", "HOSTING_ORGANIZATION_KEY", "CRAWL_ID", "PROJECT_ID", "PROGRAMME",
+    "ORGANISM_QUANTITY", "ORGANISM_QUANTITY_TYPE", "SAMPLE_SIZE_UNIT", "SAMPLE_SIZE_VALUE",
+    "RELATIVE_ORGANISM_QUANTITY", "COLLECTION_KEY", "INSTITUTION_KEY", "RECORDED_BY_ID", "IDENTIFIED_BY_ID",
+    "OCCURRENCE_STATUS", "GADM_GID", "GADM_LEVEL_0_GID", "GADM_LEVEL_1_GID", "GADM_LEVEL_2_GID",
+    "GADM_LEVEL_3_GID", "LIFE_STAGE", "IS_IN_CLUSTER", "DWCA_EXTENSION", "IUCN_RED_LIST_CATEGORY", "DATASET_ID",
+    "DATASET_NAME", "OTHER_CATALOG_NUMBERS", "PREPARATIONS", "ISLAND", "ISLAND_GROUP", "GEOREFERENCED_BY",
+    "HIGHER_GEOGRAPHY", "FIELD_NUMBER", "EARLIEST_EON_OR_LOWEST_EONOTHEM", "LATEST_EON_OR_HIGHEST_EONOTHEM",
+    "EARLIEST_ERA_OR_LOWEST_ERATHEM", "LATEST_ERA_OR_HIGHEST_ERATHEM", "EARLIEST_PERIOD_OR_LOWEST_SYSTEM",
+    "LATEST_PERIOD_OR_HIGHEST_SYSTEM", "EARLIEST_EPOCH_OR_LOWEST_SERIES", "LATEST_EPOCH_OR_HIGHEST_SERIES",
+    "EARLIEST_AGE_OR_LOWEST_STAGE", "LATEST_AGE_OR_HIGHEST_STAGE", "LOWEST_BIOSTRATIGRAPHIC_ZONE",
+    "HIGHEST_BIOSTRATIGRAPHIC_ZONE", "GROUP", "FORMATION", "MEMBER", "BED", "ASSOCIATED_SEQUENCES", "GBIF_ID",
+    "CHECKLIST_KEY", "VERBATIM_TAXON_ID",
+})  # fmt: skip
+# GBIF's DistanceUnit names; a distance without one is in metres
+DISTANCE_RE = re.compile(
+    r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(in|inch|yd|yards|ft|feet|km|kilometers|NM|nmi|nauticalmiles|mm|millimeters|"
+    r"cm|centimeters|mi|miles|m|meters)?\s*$"
+)
+WKT_RE = re.compile(r"^\s*(POLYGON|MULTIPOLYGON)\s*(\(.*\))\s*$", re.IGNORECASE | re.DOTALL)
+RING_RE = re.compile(r"\(([^()]*)\)")
+SKELETONS = {  # the nesting of rings ("R") each geometry type has
+    "POLYGON": re.compile(r"^\(R(,R)*\)$"),
+    "MULTIPOLYGON": re.compile(r"^\(\(R(,R)*\)(,\(R(,R)*\))*\)$"),
+}
+WKT_EXAMPLE = "POLYGON((-10 40, 5 40, 5 50, -10 50, -10 40)), longitude then latitude"
+MAX_DEPTH = 100  # nesting of and/or/not: real predicates need a handful, a deeper one is a mistake
+
+
+class PredicateError(ValueError):
+    """A predicate GBIF would refuse; `path` is where inside it (like predicate.predicates[1].key)."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
 
 
 def predicate_key(field: str) -> str:
@@ -95,42 +146,121 @@ def query_to_search_params(query: dict[str, list[Any]]) -> list[tuple[str, str]]
     return params
 
 
-def validate_predicate(predicate: Any, path: str = "predicate") -> None:
+def _number(value: Any) -> float | None:
+    """A number as GBIF parses it (numbers or numeric strings), or None."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        return None
+
+
+def _is_scalar(value: Any) -> bool:
+    return isinstance(value, str | int | float | bool)
+
+
+def _wkt_problem(text: str) -> str | None:
+    """Why `text` is not a WKT polygon GBIF can take, or None; a syntax check, not topology."""
+    match = WKT_RE.match(text)
+    if not match:
+        return "is not a WKT POLYGON or MULTIPOLYGON"
+    body = match.group(2)
+    skeleton = re.sub(r"\s+", "", RING_RE.sub("R", body))
+    if not SKELETONS[match.group(1).upper()].match(skeleton):
+        return f"has unbalanced or misplaced brackets for a {match.group(1).upper()}"
+    for ring in RING_RE.findall(body):
+        points: list[tuple[float, float]] = []
+        for point in ring.split(","):
+            try:
+                lon, lat = (float(n) for n in point.split())
+            except ValueError:
+                return f"has {point.strip()!r} where a point (two numbers: longitude latitude) belongs"
+            if not (math.isfinite(lon) and -90 <= lat <= 90):
+                return f"has the point {point.strip()!r} outside the globe (WKT gives longitude, then latitude)"
+            points.append((lon, lat))
+        if len(points) < 4 or points[0] != points[-1]:
+            return "has a ring that is not closed (at least 4 points, the last equal to the first)"
+    return None
+
+
+def _check_key(predicate: dict[str, Any], kind: str, path: str) -> None:
+    """A key GBIF does not know is an HTTP 400 after the download was asked for: name the one meant."""
+    name = "parameter" if kind in ("isNull", "isNotNull") and "parameter" in predicate else "key"
+    key = predicate.get(name)
+    if isinstance(key, str) and key in PREDICATE_KEYS:
+        return
+    meant = None
+    if isinstance(key, str):  # "speciesKey" is the search API's name of SPECIES_KEY
+        meant = predicate_key(key) if predicate_key(key) in PREDICATE_KEYS else typo_of(key, PREDICATE_KEYS)
+    if meant is not None:
+        raise PredicateError(f"{path}.{name}", f"{key!r} is not a GBIF search parameter; did you mean {meant!r}?")
+    if isinstance(key, str) and KEY_RE.match(key):  # near no known key: a parameter newer than this list
+        return
+    raise PredicateError(
+        f"{path}.{name}",
+        f"{key!r} is not a GBIF search parameter; allowed (GBIF's OccurrenceSearchParameter): "
+        + ", ".join(sorted(PREDICATE_KEYS)),
+    )
+
+
+def validate_predicate(predicate: Any, path: str = "predicate", depth: int = 0) -> None:
     """Reject what GBIF would answer with HTTP 400, naming where the problem is."""
+    if depth > MAX_DEPTH:
+        root = path.split(".", 1)[0]  # not a path of a hundred ".predicate"s
+        raise PredicateError(root, f"nested more than {MAX_DEPTH} levels deep (and/or/not); flatten it")
     if not isinstance(predicate, dict):
-        raise ValueError(f"{path}: must be a mapping with a 'type', got {type(predicate).__name__}")
+        raise PredicateError(path, f"must be a mapping with a 'type', got {type(predicate).__name__}")
     kind = predicate.get("type")
     if kind not in TYPES:
-        raise ValueError(f"{path}.type: {kind!r} is not a GBIF predicate type; allowed: {', '.join(sorted(TYPES))}")
+        raise PredicateError(
+            f"{path}.type", f"{kind!r} is not a GBIF predicate type; allowed: {', '.join(sorted(TYPES))}"
+        )
     if kind in ("and", "or"):
         subs = predicate.get("predicates")
         if not isinstance(subs, list) or not subs:
-            raise ValueError(f"{path}.predicates: '{kind}' needs a non-empty list of predicates")
+            raise PredicateError(f"{path}.predicates", f"'{kind}' needs a non-empty list of predicates")
         for i, sub in enumerate(subs):
-            validate_predicate(sub, f"{path}.predicates[{i}]")
+            validate_predicate(sub, f"{path}.predicates[{i}]", depth + 1)
         return
     if kind == "not":
-        validate_predicate(predicate.get("predicate"), f"{path}.predicate")
+        validate_predicate(predicate.get("predicate"), f"{path}.predicate", depth + 1)
         return
     if kind == "within":
-        if not isinstance(predicate.get("geometry"), str):
-            raise ValueError(f"{path}.geometry: 'within' needs a WKT geometry string")
+        geometry = predicate.get("geometry")
+        problem = _wkt_problem(geometry) if isinstance(geometry, str) else "is not a string"
+        if problem is not None:
+            shown = geometry if not isinstance(geometry, str) or len(geometry) <= 80 else geometry[:77] + "..."
+            raise PredicateError(f"{path}.geometry", f"{shown!r} {problem}; 'within' needs one like {WKT_EXAMPLE}")
         return
     if kind == "geoDistance":
-        for name in ("latitude", "longitude", "distance"):
-            if name not in predicate:
-                raise ValueError(f"{path}.{name}: 'geoDistance' needs latitude, longitude and distance")
+        for name, limit in (("latitude", 90), ("longitude", 180)):
+            number = _number(predicate.get(name))
+            if number is None or not -limit <= number <= limit:
+                raise PredicateError(
+                    f"{path}.{name}", f"{predicate.get(name)!r}: 'geoDistance' needs a {name} from {-limit} to {limit}"
+                )
+        distance = predicate.get("distance")
+        match = DISTANCE_RE.match(str(distance)) if _is_scalar(distance) and not isinstance(distance, bool) else None
+        if match is None or float(match.group(1)) <= 0:
+            raise PredicateError(
+                f"{path}.distance",
+                f"{distance!r}: 'geoDistance' needs a positive distance with a unit, like 10km "
+                "(units: m, km, mi, nmi, ft, yd, in, cm, mm; none means metres)",
+            )
         return
-    key = (
-        predicate.get("key")
-        if kind not in ("isNull", "isNotNull")
-        else predicate.get("parameter", predicate.get("key"))
-    )
-    if not isinstance(key, str) or not KEY_RE.match(key):
-        raise ValueError(f"{path}.key: {key!r} is not a GBIF search parameter (like SPECIES_KEY)")
+    _check_key(predicate, kind, path)
     if kind == "in":
         values = predicate.get("values")
         if not isinstance(values, list) or not values:
-            raise ValueError(f"{path}.values: 'in' needs a non-empty list")
-    elif kind in COMPARISONS and "value" not in predicate:
-        raise ValueError(f"{path}.value: '{kind}' needs a value")
+            raise PredicateError(f"{path}.values", "'in' needs a non-empty list of values")
+        for i, value in enumerate(values):
+            if not _is_scalar(value):
+                raise PredicateError(
+                    f"{path}.values[{i}]", f"{value!r}: each value must be a string, number or boolean"
+                )
+    elif kind in COMPARISONS:
+        if "value" not in predicate:
+            raise PredicateError(f"{path}.value", f"'{kind}' needs a value")
+        if not _is_scalar(predicate["value"]):
+            raise PredicateError(f"{path}.value", f"{predicate['value']!r}: must be a string, number or boolean")

@@ -156,7 +156,7 @@ BAD = [
         "split negative",
         _edit(["split"], {"train": 1.2, "val": -0.1, "test": -0.1}),
         "split.train",
-        "less than or equal to 1",
+        "must be a number between 0 and 1, got 1.2",
     ),
     (
         "per_host zero",
@@ -202,8 +202,8 @@ BAD = [
     (
         "bad predicate key",
         lambda d: _edit(["source"], {"mode": "download", "predicate": {"type": "equals", "key": 12, "value": "1"}})(d),
-        "source",
-        "predicate.key",
+        "source.predicate.key",
+        "allowed (GBIF's OccurrenceSearchParameter): ACCEPTED_TAXON_KEY",
     ),
     ("nb_samples bool", _edit(["balance", "nb_samples"], True), "balance.nb_samples", "integer"),
     ("seed bool", _edit(["balance", "seed"], False), "balance.seed", "integer"),
@@ -224,7 +224,199 @@ BAD = [
         "refresh_vanished",
         "'keep' or 'remove'",
     ),
+    (
+        "media type typo",
+        _edit(["filters", "media_types"], ["StilImage"]),
+        "filters.media_types",
+        "did you mean 'StillImage'? allowed: StillImage, MovingImage, Sound, InteractiveResource",
+    ),
+    (
+        "unknown media type",
+        _edit(["filters", "media_types"], ["Photo"]),
+        "filters.media_types",
+        "'Photo' is not a GBIF media type; allowed: StillImage, MovingImage, Sound, InteractiveResource",
+    ),
+    (
+        "format typo",
+        _edit(["filters", "formats"], ["image/jpgg"]),
+        "filters.formats",
+        "did you mean 'image/jpeg'? allowed: image/jpeg, image/png, image/gif, image/webp, image/tiff",
+    ),
+    (
+        "format the engine cannot keep",
+        _edit(["filters", "formats"], ["image/svg+xml"]),
+        "filters.formats",
+        "not an image MIME type the fetch engine keeps; allowed: image/jpeg, image/png",
+    ),
+    (
+        "host allowed and denied",
+        _edit(["filters", "hosts"], {"allow": ["example.org", "a.org"], "deny": ["Example.ORG."]}),
+        "filters.hosts",
+        "'example.org' is in both allow and deny",
+    ),
+    (
+        "wildcard on an address",
+        _edit(["filters", "hosts"], {"allow": ["*.127.0.0.2"]}),
+        "filters.hosts.allow",
+        "an IP address has no subdomains",
+    ),
+    ("name not text", _edit(["name"], 123), "name", "must be text matching [a-z][a-z0-9_]*"),
+    (
+        "split NaN",
+        _edit(["split"], {"train": float("nan"), "val": 0.1, "test": 0.1}),
+        "split.train",
+        "must be a number between 0 and 1",
+    ),
+    (
+        "split part left out",
+        _edit(["split"], {"train": 0.9}),
+        "split",
+        "got 1.1 (val and test were left out and default to 0.1 each",
+    ),
+    (
+        "split one part left out",
+        _edit(["split"], {"train": 0.7, "val": 0.1}),
+        "split",
+        "got 0.9 (test was left out and defaults to 0.1",
+    ),
 ]
+
+
+def _predicate(predicate: dict):
+    return _edit(["source"], {"mode": "download", "predicate": predicate})
+
+
+_MEDIA = {"type": "equals", "key": "MEDIA_TYPE", "value": "StillImage"}
+BAD_PREDICATES = [
+    (
+        "key typo",
+        {"type": "and", "predicates": [_MEDIA, {"type": "equals", "key": "SPECIES_KY", "value": 1}]},
+        "source.predicate.predicates[1].key",
+        "'SPECIES_KY' is not a GBIF search parameter; did you mean 'SPECIES_KEY'?",
+    ),
+    (
+        "search API name",
+        {"type": "not", "predicate": {"type": "equals", "key": "speciesKey", "value": 1}},
+        "source.predicate.predicate.key",
+        "did you mean 'SPECIES_KEY'?",
+    ),
+    ("not a key", {"type": "equals", "key": "foo bar", "value": 1}, "source.predicate.key", "TAXON_KEY"),
+    (
+        "isNull parameter",
+        {"type": "isNull", "parameter": "RECORDED_BYY"},
+        "source.predicate.parameter",
+        "did you mean 'RECORDED_BY'?",
+    ),
+    (
+        "latitude not a number",
+        {"type": "geoDistance", "latitude": "abc", "longitude": 999, "distance": -5},
+        "source.predicate.latitude",
+        "needs a latitude from -90 to 90",
+    ),
+    (
+        "longitude out of range",
+        {"type": "geoDistance", "latitude": 10, "longitude": 999, "distance": "10km"},
+        "source.predicate.longitude",
+        "needs a longitude from -180 to 180",
+    ),
+    (
+        "negative distance",
+        {"type": "geoDistance", "latitude": 10, "longitude": 20, "distance": -5},
+        "source.predicate.distance",
+        "needs a positive distance with a unit, like 10km",
+    ),
+    (
+        "unknown distance unit",
+        {"type": "geoDistance", "latitude": 10, "longitude": 20, "distance": "10 leagues"},
+        "source.predicate.distance",
+        "units: m, km, mi",
+    ),
+    (
+        "geometry not WKT",
+        {"type": "within", "geometry": "not wkt"},
+        "source.predicate.geometry",
+        "'not wkt' is not a WKT POLYGON or MULTIPOLYGON",
+    ),
+    (
+        "geometry with a word for a number",
+        {"type": "within", "geometry": "POLYGON((0 0, 1 zero, 1 1, 0 0))"},
+        "source.predicate.geometry",
+        "'1 zero' where a point (two numbers: longitude latitude) belongs",
+    ),
+    (
+        "geometry ring not closed",
+        {"type": "within", "geometry": "POLYGON((0 0, 1 0, 1 1, 0 1))"},
+        "source.predicate.geometry",
+        "not closed",
+    ),
+    (
+        "geometry brackets",
+        {"type": "within", "geometry": "MULTIPOLYGON((0 0, 1 0, 1 1, 0 0))"},
+        "source.predicate.geometry",
+        "brackets",
+    ),
+    (
+        "geometry latitude",
+        {"type": "within", "geometry": "POLYGON((0 0, 1 0, 1 95, 0 0))"},
+        "source.predicate.geometry",
+        "outside the globe",
+    ),
+    (
+        "in with a mapping",
+        {"type": "in", "key": "SPECIES_KEY", "values": [1, {"a": 1}]},
+        "source.predicate.values[1]",
+        "each value must be a string, number or boolean",
+    ),
+    (
+        "equals with a list",
+        {"type": "equals", "key": "SPECIES_KEY", "value": [1]},
+        "source.predicate.value",
+        "must be a string, number or boolean",
+    ),
+]
+
+
+@pytest.mark.parametrize(("case", "predicate", "field", "allowed"), BAD_PREDICATES, ids=[b[0] for b in BAD_PREDICATES])
+def test_predicate_gbif_would_refuse_names_its_path(
+    tmp_path: Path, case: str, predicate: dict, field: str, allowed: str
+) -> None:
+    path = _write(tmp_path, _predicate(predicate)(_base()))
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    message = str(info.value)
+    assert str(path) in message, message
+    assert f"  {field}: " in message, message
+    assert allowed in message, message
+
+
+@pytest.mark.parametrize(
+    "predicate",
+    [
+        {"type": "geoDistance", "latitude": "52.5", "longitude": -13, "distance": "10km"},
+        {"type": "geoDistance", "latitude": -90, "longitude": 180, "distance": 500},
+        {"type": "geoDistance", "latitude": 0, "longitude": 0, "distance": "2.5 mi"},
+        {"type": "within", "geometry": "POLYGON((-10 40, 5 40, 5 50, -10 50, -10 40))"},
+        {"type": "within", "geometry": "multipolygon(((0 0,9 0,9 9,0 0),(5 1,6 1,6 2,5 1)),((20 9,21 9,21 8,20 9)))"},
+        {"type": "and", "predicates": [_MEDIA, {"type": "in", "key": "SPECIES_KEY", "values": [1, "2"]}]},
+        {"type": "isNotNull", "parameter": "RECORDED_BY"},
+        {"type": "greaterThanOrEquals", "key": "YEAR", "value": 2000},
+        {"type": "equals", "key": "SOME_PARAMETER_GBIF_ADDS_LATER", "value": "x"},  # near no known key: GBIF decides
+    ],
+)  # fmt: skip
+def test_predicates_gbif_takes_pass(tmp_path: Path, predicate: dict) -> None:
+    assert load_recipe(_write(tmp_path, _predicate(predicate)(_base()))).predicate() == predicate
+
+
+def test_predicate_nesting_is_limited() -> None:
+    """A predicate nested 1200 levels deep is refused by name, not with a RecursionError."""
+    from gbif_assets.recipe import parse_recipe
+
+    predicate = {"type": "equals", "key": "SPECIES_KEY", "value": 1}
+    for _ in range(1200):
+        predicate = {"type": "not", "predicate": predicate}
+    data = _predicate(predicate)(_base())
+    with pytest.raises(RecipeError, match=r"\n  source\.predicate: nested more than 100 levels deep"):
+        parse_recipe(data, "x.yaml")
 
 
 @pytest.mark.parametrize(("case", "edit", "field", "allowed"), BAD, ids=[b[0] for b in BAD])
@@ -264,11 +456,60 @@ def test_name_must_match_file(tmp_path: Path) -> None:
         ("name: [unclosed", "not valid YAML"),
         ("- a\n- b\n", "must be a YAML mapping"),
         ("", "must be a YAML mapping"),
+        ("name: demo\n? [a, b]\n: 1\n", "a key must be a plain name, not a list or mapping"),
+        ("name: " + "[" * 5000, "nested too deeply"),
+        ("name: demo\nsource: {mode: download, predicate: " + "{type: not, predicate: " * 1200, "nested too deeply"),
     ],
 )
 def test_not_a_recipe(tmp_path: Path, text: str, expected: str) -> None:
     with pytest.raises(RecipeError, match=expected):
         load_recipe(_write(tmp_path, text))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "name: demo\n? [a, b]\n: 1\n",
+        "name: " + "[" * 5000,
+        "name: demo\nsource: {predicate: " + "{type: not, predicate: " * 1200,
+    ],
+    ids=["complex key", "5000 brackets", "1200 nots"],
+)
+def test_cli_exits_2_without_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str) -> None:
+    from gbif_assets.cli import main
+
+    path = _write(tmp_path, text)
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}: ") and "Traceback" not in err, err
+
+
+def test_formats_and_media_types_are_normalised(tmp_path: Path) -> None:
+    """Synonyms, case and spaces are what a publisher or a hurried user writes: normalised, not refused."""
+    data = _base()
+    data["filters"] = {
+        "formats": [" Image/JPG", "image/pjpeg", "image/png", "IMAGE/TIF"],
+        "media_types": ["stillimage ", "StillImage"],
+    }
+    filters = load_recipe(_write(tmp_path, data)).filters
+    assert filters.formats == ["image/jpeg", "image/png", "image/tiff"]
+    assert filters.media_types == ["StillImage"]
+
+
+@pytest.mark.parametrize(
+    ("expr", "field"),
+    [
+        ("5-1 3 1 * *", "minute"),
+        ("0 22-2 * * *", "hour"),
+        ("0 3 10-5 * *", "day-of-month"),
+        ("0 3 1 dec-jan *", "month"),
+        ("0 3 * * fri-mon", "day-of-week"),
+        ("0 3 1,20-10/2 * *", "day-of-month"),
+    ],
+)
+def test_reversed_cron_range_is_refused_in_every_field(expr: str, field: str) -> None:
+    with pytest.raises(ValueError, match=f"{field} field '[^']*' has a reversed range"):
+        validate_cron(expr)
 
 
 def test_missing_file_and_folder(tmp_path: Path) -> None:
