@@ -116,6 +116,24 @@ def _md5_mod(expr: str, modulus: int) -> str:
     )
 
 
+def _format_sql(column: str) -> str:
+    """A media format as the recipe's `formats` name it: lower case, without parameters or spaces,
+    image/jpg, image/pjpeg or a bare jpg as image/jpeg (publishers write them all)."""
+    from gbif_assets.recipe import FORMAT_SYNONYMS
+
+    bare = {"jpg": "image/jpeg", "jpeg": "image/jpeg", "png": "image/png", "gif": "image/gif", "webp": "image/webp",
+            "tif": "image/tiff", "tiff": "image/tiff"}  # fmt: skip
+    cases = " ".join(f"WHEN '{k}' THEN '{v}'" for k, v in {**FORMAT_SYNONYMS, **bare}.items())
+    raw = f"nullif(trim(lower(split_part({column}, ';', 1))), '')"
+    return f"(CASE {raw} {cases} ELSE {raw} END)"
+
+
+def _type_sql(column: str) -> str:
+    """A media type, lower case, as a DCMI term URI or name (Image is StillImage's parent)."""
+    raw = f"nullif(trim(lower(regexp_replace({column}, '^\\s*https?://purl\\.org/dc/dcmitype/', '', 'i'))), '')"
+    return f"(CASE {raw} WHEN 'image' THEN 'stillimage' ELSE {raw} END)"
+
+
 def build_manifest(
     con: duckdb.DuckDBPyConnection, recipe: Any, out: Path, source: str = "occurrences"
 ) -> ManifestResult:
@@ -172,12 +190,12 @@ def build_manifest(
             FROM (
                 SELECT o.rowid AS rid, {derived}, o."gbifID", o.media_index, o.identifier, o."datasetKey",
                        o."publishingOrgKey", md5_number('{seed}:' || o.identifier) AS h,
-                       coalesce(lower(o."format"),
+                       coalesce({_format_sql('o."format"')},
                                 CASE WHEN regexp_matches(lower(o.identifier), '\\.jpe?g($|\\?)') THEN 'image/jpeg'
                                      WHEN regexp_matches(lower(o.identifier), '\\.png($|\\?)') THEN 'image/png'
                                 END) AS fmt,
-                       coalesce(lower(o."type"), CASE WHEN lower(o."format") LIKE 'image/%' THEN 'stillimage' END)
-                           AS mtype
+                       coalesce({_type_sql('o."type"')},
+                                CASE WHEN {_format_sql('o."format"')} LIKE 'image/%' THEN 'stillimage' END) AS mtype
                 FROM {licensed}
             )
             """

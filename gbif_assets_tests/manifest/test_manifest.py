@@ -98,7 +98,8 @@ def _table(con: duckdb.DuckDBPyConnection, rows: list[dict]) -> None:
             "publishingOrgKey": "00000000-0000-0000-0000-000000000001",
             "license": "http://creativecommons.org/licenses/by/4.0/legalcode",
             "media": [
-                {"type": "StillImage", "format": "image/jpeg", "identifier": url, "license": r.get("license", "CC0_1_0")}  # noqa: E501
+                {"type": r.get("type", "StillImage"), "format": r.get("format", "image/jpeg"), "identifier": url,
+                 "license": r.get("license", "CC0_1_0")}
                 for url in r["urls"]
             ],
         }
@@ -235,6 +236,23 @@ def test_filter_funnel_counts_each_removal(tmp_path: Path) -> None:
     assert removed["identical URL kept once"] == 1
     assert removed["host denied"] >= 1
     assert result.rows == result.funnel[-1]["remaining"]
+
+
+def test_format_and_type_spellings_publishers_use_are_read_as_the_recipe_names_them(tmp_path: Path) -> None:
+    con = duckdb.connect()
+    spellings = [("image/jpg", "StillImage"), (" IMAGE/JPEG; charset=binary", "Image"), ("jpg", "StillImage "),
+                 ("image/pjpeg", "http://purl.org/dc/dcmitype/StillImage"), ("image/jpeg", "stillimage")]  # fmt: skip
+    rows = _pool({("1", DATASET_A): len(spellings) + 2})
+    for row, (fmt, kind) in zip(rows, spellings, strict=False):
+        row["format"], row["type"] = fmt, kind
+    rows[-2]["format"] = "audio/mpeg"  # still refused
+    rows[-1]["type"] = "Sound"
+    _table(con, rows)
+    result = build_manifest(con, _recipe(), tmp_path / "m.parquet")
+    removed = {f["step"].split(" (")[0]: f["removed"] for f in result.funnel}
+    assert removed["format not in ['image/jpeg', 'image/png']"] == 1
+    assert removed["media type not in ['StillImage']"] == 1
+    assert result.rows == len(spellings)
 
 
 def test_occurrence_licence_fallback_only_when_allowed(tmp_path: Path) -> None:
