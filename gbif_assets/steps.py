@@ -167,7 +167,7 @@ def _archive_key(recipe: Recipe, home: Path) -> str:
 
 def fetch_archive(recipe: Recipe, settings: Settings, home: Path) -> ArchiveResult:
     """Resolve key or DOI, check the download is ready, and fetch the zip once per key."""
-    from gbif_assets.gbif import DownloadGone
+    from gbif_assets.gbif import DownloadGone, GbifError
 
     wanted = _archive_key(recipe, home)
 
@@ -186,6 +186,11 @@ def fetch_archive(recipe: Recipe, settings: Settings, home: Path) -> ArchiveResu
                                          fetched=False, citation=kept.get("citation"),
                                          format=str(status.get("request", {}).get("format", "DWCA")))  # fmt: skip
                 raise DownloadGone(f"download {key} was erased by GBIF: request a new download")
+            if state in ("FAILED", "KILLED", "CANCELLED"):
+                raise GbifError(f"download {key} ended {state} at GBIF and has no file: give another key, "
+                                "or use download mode to request one")  # fmt: skip
+            if state != "SUCCEEDED" and recipe.source.mode == "existing":
+                raise StepError(f"download {key} is {state} at GBIF, not SUCCEEDED yet: run again once it is")
             if state != "SUCCEEDED":
                 raise StepError(
                     f"download {key} is {state}, not SUCCEEDED: the `gbif_download_status` sensor "

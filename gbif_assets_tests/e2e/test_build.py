@@ -231,6 +231,36 @@ def test_setup_and_gbif_errors_say_why_and_exit_2(
     assert "9999999-999999999999999" in out and "Error occurred while executing" not in out
 
 
+@pytest.mark.parametrize(
+    ("state", "code", "said"),
+    [
+        ("RUNNING", 1, "is RUNNING at GBIF, not SUCCEEDED yet: run again once it is"),
+        ("KILLED", 2, "ended KILLED at GBIF and has no file: give another key, or use download mode"),
+    ],
+)
+def test_an_existing_download_that_is_not_ready_says_what_to_do(
+    gbif_env: Path, emulator, capsys: pytest.CaptureFixture[str], state: str, code: int, said: str
+) -> None:
+    """Existing mode has no sensor to wait for GBIF: a download still running says to run again,
+    one that ended without a file is a GBIF error (exit 2) that says what to do instead."""
+    import asyncio
+
+    from gbif_assets.gbif import GbifClient
+    from gbif_assets_tests.conftest import GBIF_TEST_PASSWORD, GBIF_TEST_USER
+
+    async def request() -> str:
+        async with GbifClient(emulator.api_url, GBIF_TEST_USER, GBIF_TEST_PASSWORD, "t@example.org") as client:
+            return await client.request_download({"type": "equals", "key": "YEAR", "value": "1888"})
+
+    key = asyncio.run(request())
+    emulator.set_status(key, state)
+    path = gbif_env / "datasets" / "waiting.yaml"
+    path.write_text(f"name: waiting\nsource: {{mode: existing, key: {key}}}\n")
+    assert run_build(load_recipe(path), BuildOptions()) == code
+    out = " ".join(capsys.readouterr().out.split())
+    assert said in out and "sensor" not in out, out[-2000:]
+
+
 def test_filters_that_remove_everything_end_clearly(gbif_env: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Nothing selected is an empty dataset with its reports, and the build says why."""
     path = copy_recipe("invasive_plants", gbif_env / "datasets", name="nothing_left")
