@@ -321,6 +321,12 @@ def _occurrence_select(core: FileSpec, fields: list[str]) -> tuple[list[str], li
     return exprs, missing
 
 
+def _media_expr(spec: FileSpec, name: str) -> str:
+    """SQL for a media column; the link is trimmed (" http://..." is a link, the spaces are not)."""
+    expr = spec.expr(name, "m") or "NULL::VARCHAR"
+    return f"NULLIF(trim({expr}), '')" if name == "identifier" else expr
+
+
 def _has_rows(archive: zipfile.ZipFile, spec: FileSpec, origin: str) -> bool:
     """Whether a data file holds a row past its header lines (read from the zip, not extracted)."""
     for location in spec.locations:
@@ -421,7 +427,7 @@ def _stage_and_join(
             f"CAST(row_number() OVER (PARTITION BY NULLIF(c{media_spec.id_index}, '') ORDER BY {order}) - 1 AS INTEGER)"
             f" AS media_index FROM {_csv(paths, media_spec, width, 'media_rejects')}"
         )
-        media_exprs = [f"{media_spec.expr(name, 'm') or 'NULL::VARCHAR'} AS {quote(name)}" for name in MEDIA_COLUMNS]
+        media_exprs = [f"{_media_expr(media_spec, name)} AS {quote(name)}" for name in MEDIA_COLUMNS]
     con.execute(f"CREATE OR REPLACE TEMP TABLE media_stage AS {media_select}")
     skipped.update({f"media_{k}": v for k, v in _rejects(con, "media_rejects").items()})
     media_rows = con.execute("SELECT count(*) FROM media_stage").fetchone()[0]

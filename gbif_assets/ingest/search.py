@@ -50,7 +50,8 @@ def load_search_records(
             columns["gbifID"].append(gbif_id)
             columns["media_index"].append(index)
             for name in MEDIA_COLUMNS:
-                columns[name].append(_text(item.get(name)))
+                value = _text(item.get(name))
+                columns[name].append((value or "").strip() or None if name == "identifier" else value)  # " http://"
             columns["occurrence_license"].append(_text(record.get("license")))
             for name in names[len(MEDIA_COLUMNS) + 3 :]:
                 value = record.get(name)

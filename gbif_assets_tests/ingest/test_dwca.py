@@ -255,6 +255,20 @@ def test_media_only_in_an_audubon_core_extension_are_read(tmp_path: Path, gbif_m
     assert set(con.execute("SELECT gbifID, identifier FROM occurrences").fetchall()) <= expected
 
 
+def test_spaces_around_a_media_link_are_not_part_of_it(tmp_path: Path) -> None:
+    with zipfile.ZipFile(REAL_2014) as archive:
+        lines = archive.read("multimedia.txt").decode().splitlines()
+    cells = [line.split("\t") for line in lines]
+    for row in cells[1:20]:
+        row[3] = f"  {row[3]} \t".rstrip("\t") if row[3] else row[3]
+    text = "\n".join("\t".join(row) for row in cells) + "\n"
+    path = _rewrite(REAL_2014, tmp_path / "spaces.zip", replace={"multimedia.txt": text.encode()})
+    con = duckdb.connect()
+    load_archive(path, con, FIELDS)
+    links = [r[0] for r in con.execute("SELECT identifier FROM occurrences WHERE identifier IS NOT NULL").fetchall()]
+    assert links and all(link == link.strip() and link.startswith("http") for link in links)
+
+
 def test_failure_mid_load_keeps_previous_table(con: duckdb.DuckDBPyConnection, tmp_path: Path) -> None:
     with zipfile.ZipFile(REAL_2014) as z:
         meta = z.read("meta.xml").replace(b'encoding="UTF-8"', b'encoding="ISO-8859-1"', 1)
