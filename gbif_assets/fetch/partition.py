@@ -30,6 +30,8 @@ from gbif_assets.fetch.engine import Candidate, FetchConfig, FetchEngine, Outcom
 from gbif_assets.fetch.verify import verify_image
 
 MTIME_SLACK_S = 2.0  # a kept file modified later than this after its fetch is checked again
+# failures that say the link itself is no good, not that its host was busy or down at the time
+FINAL_ERRORS = {"not_image", "decode_error", "too_large", "blocked", "too_many_redirects", "http_3xx", "duplicate"}
 KEPT_SCHEMA = pa.schema(
     [
         ("url", pa.string()), ("url_sha1", pa.string()), ("path", pa.string()), ("split", pa.string()),
@@ -118,9 +120,22 @@ class _AttemptLog:
         self._journal[1].write_batch(pa.RecordBatch.from_pylist(new, schema=ATTEMPT_SCHEMA))
         self.written += len(new)
 
+    def refused(self) -> set[str]:
+        """URLs whose publisher refused them for good (a 404, not an image, too large...) and that
+        no attempt ever fetched: a rebuild does not ask again. Transient failures (timeouts, 5xx,
+        429, a closed breaker) are asked again, as a fresh build would."""
+        rows = _read_rows(self.path)
+        final = {r["url"] for r in rows if r["error"] in FINAL_ERRORS or _client_error(r["error"])}
+        return final - {r["url"] for r in rows if r["error"] is None}
+
     def sources(self) -> dict[str, str]:
         """url -> where its kept copy came from (publisher or gbif_cache), from the log's successes."""
         return {r["url"]: r["source"] for r in _read_rows(self.path) if r["error"] is None and r["source"]}
+
+
+def _client_error(error: str | None) -> bool:
+    """An HTTP 4xx other than 429 (Too Many Requests, which asks for patience)."""
+    return error is not None and error.startswith("http_4") and error != "http_429"
 
 
 def _read_journal(path: Path) -> list[dict[str, Any]]:
@@ -188,11 +203,28 @@ def _manifest_rows(manifest: Path, label: str) -> list[dict[str, Any]]:
         con.close()
 
 
-def _existing(dest: Path, sha1: str) -> Path | None:
-    for path in dest.glob(f"{sha1}.*"):
-        if not path.name.endswith(".part"):
-            return path
-    return None
+def _files_by_sha1(home: Path, folder: str) -> dict[str, Path]:
+    """The label's image files in every split folder, by the sha1 of their URL (their name)."""
+    found: dict[str, Path] = {}
+    for split in ("train", "val", "test"):
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(home / "images" / split / folder):
+                if entry.is_file() and not entry.name.startswith(".") and entry.name != "metadata.csv":
+                    found.setdefault(entry.name.split(".", 1)[0], Path(entry.path))
+    return found
+
+
+def _move(
+    found: Path, dest: Path, home: Path, record: dict[str, Any] | None, split: str
+) -> tuple[Path, dict[str, Any] | None]:
+    """A file whose occurrence now falls in another split goes to that split's folder (its times
+    kept, so it stays trusted), with its row updated; a refresh does not fetch it again."""
+    dest.mkdir(parents=True, exist_ok=True)
+    moved = dest / found.name
+    if record is not None and record.get("path") == found.relative_to(home).as_posix():
+        record = {**record, "path": moved.relative_to(home).as_posix(), "split": split}
+    os.replace(found, moved)
+    return moved, record
 
 
 def download_label(
@@ -237,19 +269,30 @@ def _download_label(
     log.fold()  # the attempts of a run that was killed, from its journal
     sources = log.sources()
     previous = {r["url_sha1"]: r for r in _read_rows(kept_path)}
+    on_disk = _files_by_sha1(home, folder)
+    refused = log.refused()
     kept: list[dict[str, Any]] = []
     recovered: list[dict[str, Any]] = []  # files a killed run finished after its journal's last batch
     streams: dict[str, tuple[list[Candidate], int]] = {}
     present: Counter[str] = Counter()
+    # a stream takes its candidates in rank order, as a fresh build does: a file on disk fills a
+    # place only while the candidates before it (on disk, or to fetch) leave one free, so a new
+    # seed or licence list fetches what it now selects and drops what it no longer needs
+    committed: Counter[str] = Counter()
     for row in rows:
         dest = home / "images" / row["split"] / folder
-        found = _existing(dest, row["url_sha1"])
-        if found is not None and present[row["stream"]] < row["stream_target"]:
-            record = previous.get(row["url_sha1"])
+        found = on_disk.get(row["url_sha1"])
+        record = previous.get(row["url_sha1"])
+        if found is not None and found.stat().st_size > config.max_bytes:  # max_bytes lowered since
+            found.unlink()
+            continue
+        if found is not None and found.parent != dest:  # the split changed: move the file, do not fetch it again
+            found, record = _move(found, dest, home, record, row["split"])
+        if found is not None and committed[row["stream"]] < row["stream_target"]:
             if _needs_check(record, found, home, config.resize_max_side):
                 verified = verify_image(str(found), config.max_pixels, config.resize_max_side)
-                if not verified.ok:
-                    found.unlink()
+                if not verified.ok or _changed_in_place(record, found, home, verified.sha256, config.resize_max_side):
+                    found.unlink()  # broken, or other bytes than the ones fetched: fetch it again
                     found = None
                 elif _same_bytes(record, found, home, verified.sha256):
                     _trust_again(record, found)
@@ -265,7 +308,11 @@ def _download_label(
             if found is not None:
                 kept.append(record)
                 present[row["stream"]] += 1
+                committed[row["stream"]] += 1
                 continue
+        if found is None and row["url"] in refused:
+            continue  # the publisher refused it for good before: not asked again
+        committed[row["stream"]] += 1  # expected to succeed; later files on disk become reserves
         cands, _ = streams.setdefault(row["stream"], ([], int(row["stream_target"])))
         cands.append(
             Candidate(
@@ -372,12 +419,14 @@ def _reconcile(
         set(pq.read_table(excluded_file).column("url_sha1").to_pylist()) if strays and excluded_file.exists() else set()
     )
     for path, sha1 in strays:
-        if sha1 in moved or sha1 in excluded:  # not vanished: GBIF has it, under another label or refused by the recipe
+        if sha1 in moved or sha1 in excluded or sha1 not in previous:
+            # not vanished: GBIF has it, under another label or refused by the recipe; or a file
+            # this dataset never fetched (put there by hand)
             path.unlink()
             surplus += 1
             continue
         gone += 1
-        if vanished == "keep" and sha1 in previous:
+        if vanished == "keep":
             kept.append(previous[sha1])
         else:
             path.unlink()
@@ -413,6 +462,17 @@ def _needs_check(record: dict[str, Any] | None, found: Path, home: Path, side: i
     if fetched is not None and stat.st_mtime > fetched.timestamp() + MTIME_SLACK_S:
         return True
     return bool(side) and max(record.get("width") or 0, record.get("height") or 0) > (side or 0)
+
+
+def _changed_in_place(
+    record: dict[str, Any] | None, found: Path, home: Path, sha256: str | None, side: int | None
+) -> bool:
+    """Whether a file at its row's path now holds other bytes than the row's (damaged or replaced
+    since it was fetched): it still decodes, but it is not the image the row describes. A resize
+    set since changes the bytes on purpose."""
+    return (record is not None and bool(record.get("sha256")) and sha256 != record.get("sha256")
+            and record.get("path") == found.relative_to(home).as_posix()
+            and not (side and max(record.get("width") or 0, record.get("height") or 0) > side))  # fmt: skip
 
 
 def _same_bytes(record: dict[str, Any] | None, found: Path, home: Path, sha256: str | None) -> bool:

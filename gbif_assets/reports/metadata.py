@@ -8,6 +8,7 @@ files removed, so every file has a row and no image sits in two splits.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from gbif_assets.fetch.partition import KEPT_SCHEMA
+from gbif_assets.fetch.partition import KEPT_SCHEMA, MTIME_SLACK_S
 from gbif_assets.ingest.schema import literal
 from gbif_assets.ingest.tables import replace_table
 
@@ -275,28 +276,37 @@ def near_duplicate_pairs(hashes: list[int | None], max_distance: int, cells: int
 
 
 def check_files_match(home: Path) -> list[str]:
-    """Every image file on disk has a row, every row has its file, and the file is as long as the
-    row says (a file cut or replaced since it was verified is caught by its size)."""
+    """Every image file on disk has a row, every row has its file, and the file is the one the row
+    describes: as long as the row says, and, when it was written after its fetch (changed in place,
+    even at the same size), with the row's sha256."""
     table = home / "metadata" / "images.parquet"
     if not table.exists():
         return [f"{table} does not exist"]
     con = duckdb.connect()
     try:
-        rows = dict(con.execute(f"SELECT path, bytes FROM read_parquet({literal(table)})").fetchall())
+        rows = {
+            path: (size, sha256, fetched)
+            for path, size, sha256, fetched in con.execute(
+                f"SELECT path, bytes, sha256, epoch(fetched_at) FROM read_parquet({literal(table)})"
+            ).fetchall()
+        }
     finally:
         con.close()
     files = {
-        p.relative_to(home).as_posix(): p.stat().st_size
+        p.relative_to(home).as_posix(): p.stat()
         for p in (home / "images").rglob("*")
         if p.is_file() and not p.name.startswith(".") and p.name != "metadata.csv"
     }
     problems = [f"file without a row: {p}" for p in sorted(files.keys() - rows.keys())]
     problems += [f"row without a file: {p}" for p in sorted(rows.keys() - files.keys())]
-    problems += [
-        f"file size differs from its row: {p} ({files[p]} bytes, row says {rows[p]})"
-        for p in sorted(files.keys() & rows.keys())
-        if rows[p] is not None and files[p] != rows[p]
-    ]
+    for path in sorted(files.keys() & rows.keys()):
+        size, sha256, fetched = rows[path]
+        if size is not None and files[path].st_size != size:
+            problems.append(f"file size differs from its row: {path} ({files[path].st_size} bytes, row says {size})")
+        elif sha256 and fetched is not None and files[path].st_mtime > fetched + MTIME_SLACK_S:
+            with open(home / path, "rb") as handle:
+                if hashlib.file_digest(handle, "sha256").hexdigest() != sha256:
+                    problems.append(f"file changed since it was fetched: {path} (its sha256 is not the row's)")
     return problems
 
 

@@ -93,3 +93,55 @@ def test_a_recipe_narrowed_between_builds(gbif_env: Path) -> None:
     assert on_disk == {r["path"] for r in second}
     instance = dg.DagsterInstance.local_temp(tempdir=str(gbif_env / "data" / ".dagster"))
     assert set(instance.get_dynamic_partitions("narrowed_labels")) == {"5352251", "3190653"}
+
+
+def _attempts(home: Path) -> list[dict]:
+    return [
+        r for log in sorted((home / "metadata" / "downloads").glob("*.parquet")) for r in pq.read_table(log).to_pylist()
+    ]
+
+
+def test_a_new_seed_and_split_refresh_as_a_fresh_build_would(gbif_env: Path) -> None:
+    """A new seed selects other candidates: they are fetched, and the images the selection no
+    longer needs leave (they used to fill the quota first, so newly selected ones were never
+    tried). Images whose occurrence moved to another split are moved, not fetched again. A kept
+    file changed in place at the same size is fetched again, not re-hashed and kept."""
+    import hashlib
+
+    path = copy_recipe("invasive_plants", gbif_env / "datasets", name="reseeded")
+    assert run_build(load_recipe(path), BuildOptions()) == 0
+    home = gbif_env / "data" / "reseeded"
+    first = {r["url"]: r for r in pq.read_table(home / "metadata" / "images.parquet").to_pylist()}
+    text = path.read_text()
+    assert "seed: 0" in text and "split: {train: 0.8, val: 0.1, test: 0.1}" in text
+    path.write_text(text.replace("seed: 0", "seed: 7").replace(
+        "split: {train: 0.8, val: 0.1, test: 0.1}", "split: {train: 0.6, val: 0.2, test: 0.2}"))  # fmt: skip
+    second_started = dt.datetime.now(dt.UTC)
+    assert run_build(load_recipe(path), BuildOptions()) == 0
+    second = {r["url"]: r for r in pq.read_table(home / "metadata" / "images.parquet").to_pylist()}
+    manifest = pq.read_table(home / "metadata" / "manifest.parquet").to_pylist()
+    attempts = _attempts(home)
+    tried = {a["url"] for a in attempts}
+    failed = {a["url"] for a in attempts if a["error"]} - {a["url"] for a in attempts if a["error"] is None}
+    selected = [m for m in manifest if m["selected"]]
+    assert not [m["identifier"] for m in selected if m["identifier"] not in second and m["identifier"] not in tried]
+    for stream in {m["stream"] for m in manifest}:
+        chosen = [m for m in selected if m["stream"] == stream]
+        extra = [u for u, r in second.items() if r["stream"] == stream and r["rank"] > max(m["rank"] for m in chosen)]
+        assert len(extra) <= sum(m["identifier"] in failed for m in chosen), stream  # reserves only for failures
+    moved = [u for u in first.keys() & second.keys() if first[u]["split"] != second[u]["split"]]
+    assert moved  # the new fractions moved some occurrences
+    again = {a["url"] for a in attempts if a["error"] is None and a["fetched_at"] >= second_started}
+    assert not again & first.keys()  # kept, moved or not: nothing fetched twice
+    for url in moved:
+        assert (home / second[url]["path"]).is_file() and not (home / first[url]["path"]).exists()
+
+    victim = sorted(second)[0]
+    file = home / second[victim]["path"]
+    data = bytearray(file.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 100] = bytes(100)  # still decodes: only scan data changed
+    file.write_bytes(bytes(data))
+    third_started = dt.datetime.now(dt.UTC)
+    assert run_build(load_recipe(path), BuildOptions()) == 0
+    assert hashlib.sha256(file.read_bytes()).hexdigest() == second[victim]["sha256"]
+    assert any(a["url"] == victim and a["error"] is None and a["fetched_at"] >= third_started for a in _attempts(home))
