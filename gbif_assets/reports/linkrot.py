@@ -76,7 +76,8 @@ def link_rot_report(home: Path) -> LinkRotReport:
                                AND a.error IS DISTINCT FROM 'blocked') AS tried,
                        bool_or(a.source = 'publisher' AND a.error = 'blocked') AS blocked
                 FROM {attempts} a
-                LEFT JOIN read_parquet({manifest}) m ON m.identifier = a.url
+                -- links the manifest no longer holds (a refresh narrowed it) are history, not this dataset's rot
+                JOIN read_parquet({manifest}) m ON m.identifier = a.url
                 GROUP BY a.url"""
         )
         con.execute(

@@ -85,6 +85,25 @@ def test_links_the_publisher_was_never_asked_for_are_not_judged(home: Path, erro
     extra = [{**rows[0], "url": f"https://img.a.example/never/{i}.jpg", "error": error, "ms": 0} for i in range(4)]
     extra.append({**extra[0], "error": None, "source": "gbif_cache", "ms": 5})  # the cache served one: still unjudged
     pq.write_table(pa.Table.from_pylist(rows + extra), log)
+    manifest = home / "metadata" / "manifest.parquet"
+    candidates = pq.read_table(manifest).to_pylist()
+    more = [{**candidates[0], "identifier": f"https://img.a.example/never/{i}.jpg"} for i in range(4)]
+    pq.write_table(pa.Table.from_pylist(candidates + more), manifest)
     report = link_rot_report(home)
     assert (report.links_tried, report.invalid) == (12, 2)
     assert said in report.report_md
+
+
+def test_links_no_longer_in_the_manifest_are_history_not_rot(home: Path) -> None:
+    """A refresh that narrowed the recipe leaves the attempts of links it dropped in the logs:
+    they are not this dataset's links, and no row without a label or host appears."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    log = home / "metadata" / "downloads" / "1001.parquet"
+    rows = pq.read_table(log).to_pylist()
+    dropped = [{**rows[0], "url": f"https://img.a.example/dropped/{i}.jpg", "error": "http_404"} for i in range(5)]
+    pq.write_table(pa.Table.from_pylist(rows + dropped), log)
+    report = link_rot_report(home)
+    assert (report.links_tried, report.invalid) == (12, 2)
+    assert all(r["label"] for r in report.per_label) and all(r["host"] for r in report.per_host)
