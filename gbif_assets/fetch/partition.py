@@ -30,8 +30,9 @@ from gbif_assets.fetch.engine import Candidate, FetchConfig, FetchEngine, Outcom
 from gbif_assets.fetch.verify import verify_image
 
 MTIME_SLACK_S = 2.0  # a kept file modified later than this after its fetch is checked again
-# failures that say the link itself is no good, not that its host was busy or down at the time
-FINAL_ERRORS = {"not_image", "decode_error", "too_large", "blocked", "too_many_redirects", "http_3xx", "duplicate"}
+# failures that say the link itself is no good, not that its host was busy or down at the time, nor
+# that this client's settings refused it (blocked, too_large: a changed setting may let it through)
+FINAL_ERRORS = {"not_image", "decode_error", "too_many_redirects", "http_3xx", "duplicate"}
 KEPT_SCHEMA = pa.schema(
     [
         ("url", pa.string()), ("url_sha1", pa.string()), ("path", pa.string()), ("split", pa.string()),
@@ -121,7 +122,7 @@ class _AttemptLog:
         self.written += len(new)
 
     def refused(self) -> set[str]:
-        """URLs whose publisher refused them for good (a 404, not an image, too large...) and that
+        """URLs whose publisher refused them for good (a 404, not an image...) and that
         no attempt ever fetched: a rebuild does not ask again. Transient failures (timeouts, 5xx,
         429, a closed breaker) are asked again, as a fresh build would."""
         rows = _read_rows(self.path)

@@ -211,6 +211,9 @@ def test_a_build_whose_every_fetch_failed_fails_and_says_why(
     assert "build succeeded" not in out
     report = (gbif_env / "data" / "all_blocked" / "reports" / "link_rot.md").read_text()
     assert "0 links tried" in report and "refused by this client, not judged" in report
+    monkeypatch.setenv("GBIF_ASSETS_ALLOW_PRIVATE_HOSTS", "1")  # as the hint says, for this local test server
+    assert run_build(load_recipe(path), BuildOptions()) == 0  # blocked links are asked again, not written off
+    assert pq.read_table(gbif_env / "data" / "all_blocked" / "metadata" / "images.parquet").num_rows > 0
 
 
 def test_setup_and_gbif_errors_say_why_and_exit_2(
