@@ -19,9 +19,11 @@ import time
 import xml.etree.ElementTree as ET
 import zipfile
 import zlib
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import duckdb
 
@@ -163,23 +165,30 @@ def parse_meta(xml: bytes, origin: str) -> tuple[FileSpec, list[FileSpec]]:
     return core, extensions
 
 
-def _extract(archive: zipfile.ZipFile, member: str, scratch: Path, origin: str) -> Path:
-    """Stream one member to disk; a truncated or corrupt member is an ArchiveError."""
+@contextlib.contextmanager
+def _member(archive: zipfile.ZipFile, member: str, origin: str) -> Iterator[IO[bytes]]:
+    """One member, open for reading; a missing, truncated or corrupt one is an ArchiveError."""
     try:
         info = archive.getinfo(member)
     except KeyError:
         raise ArchiveError(f"{origin}: meta.xml names {member}, but the archive has no such file") from None
-    # a name of its own: core and extension files may share a base name in different folders
-    fd, name = tempfile.mkstemp(dir=scratch, suffix="-" + Path(member).name)
-    target = Path(name)
     try:
-        with archive.open(info) as src, open(fd, "wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
+        with archive.open(info) as handle:
+            yield handle
     except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as exc:  # zlib: its deflate data is broken
         raise ArchiveError(
             f"{origin}: {member} is corrupt or truncated ({exc}); delete the archive and run again to fetch it again"
         ) from None
-    return target
+
+
+def _extract(archive: zipfile.ZipFile, member: str, scratch: Path, origin: str) -> Path:
+    """Stream one member to disk; a truncated or corrupt member is an ArchiveError."""
+    with _member(archive, member, origin) as src:
+        # a name of its own: core and extension files may share a base name in different folders
+        fd, name = tempfile.mkstemp(dir=scratch, suffix="-" + Path(member).name)
+        with open(fd, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+    return Path(name)
 
 
 def _header_line(path: Path, spec: FileSpec) -> bytes:
@@ -330,13 +339,8 @@ def _media_expr(spec: FileSpec, name: str) -> str:
 def _has_rows(archive: zipfile.ZipFile, spec: FileSpec, origin: str) -> bool:
     """Whether a data file holds a row past its header lines (read from the zip, not extracted)."""
     for location in spec.locations:
-        try:
-            with archive.open(location) as handle:
-                lead = handle.read(1 << 16)
-        except KeyError:
-            raise ArchiveError(f"{origin}: meta.xml names {location}, but the archive has no such file") from None
-        except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as exc:
-            raise ArchiveError(f"{origin}: {location} is corrupt or truncated ({exc})") from None
+        with _member(archive, location, origin) as handle:
+            lead = handle.read(1 << 16)
         if len(lead) == 1 << 16 or len([line for line in lead.splitlines() if line.strip()]) > spec.header_lines:
             return True
     return False

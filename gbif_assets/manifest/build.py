@@ -119,10 +119,10 @@ def _md5_mod(expr: str, modulus: int) -> str:
 def _format_sql(column: str) -> str:
     """A media format as the recipe's `formats` name it: lower case, without parameters or spaces,
     image/jpg, image/pjpeg or a bare jpg as image/jpeg (publishers write them all)."""
+    from gbif_assets.fetch.verify import PIL_FORMATS
     from gbif_assets.recipe import FORMAT_SYNONYMS
 
-    bare = {"jpg": "image/jpeg", "jpeg": "image/jpeg", "png": "image/png", "gif": "image/gif", "webp": "image/webp",
-            "tif": "image/tiff", "tiff": "image/tiff"}  # fmt: skip
+    bare = {name: mime for mime, ext in PIL_FORMATS.values() for name in (ext, mime.split("/", 1)[1])}  # jpg, jpeg...
     cases = " ".join(f"WHEN '{k}' THEN '{v}'" for k, v in {**FORMAT_SYNONYMS, **bare}.items())
     raw = f"nullif(trim(lower(split_part({column}, ';', 1))), '')"
     return f"(CASE {raw} {cases} ELSE {raw} END)"
