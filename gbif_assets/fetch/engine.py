@@ -35,6 +35,7 @@ from urllib.parse import urljoin
 import aiohttp
 from yarl import URL
 
+from gbif_assets.fetch.pipes import Child
 from gbif_assets.fetch.safety import (
     ALLOWED_SCHEMES,
     BlockedAddress,
@@ -638,6 +639,7 @@ class FetchEngine:
         self._changed = asyncio.Event()
         self._idle = 0  # workers inside _wait_change
         self._global = asyncio.Semaphore(config.concurrency)
+        self._early: list[Child] = []  # shard processes started before `run` (see shards_started_early)
         self._pool: VerifyPool  # one per session (see open_session)
         self._made_dirs: dict[Path, str] = {}  # the folders made so far, as strings
         self._done = 0
@@ -746,7 +748,8 @@ class FetchEngine:
                         self.config, concurrency=share, verify_workers=max(1, self.config.verify_workers // (extra + 1))
                     )
                     for _ in range(extra):
-                        shards.append(await RemoteShard.start(child, coordinator.settle, self.attempts.extend))
+                        started = self._early.pop() if self._early else None
+                        shards.append(await RemoteShard.start(child, coordinator.settle, self.attempts.extend, started))
                 serving += [asyncio.create_task(shard.serve()) for shard in shards]
                 coordinator.start(shards)
                 await asyncio.wait([coordinator.finished, *serving], return_when=asyncio.FIRST_COMPLETED)
@@ -760,11 +763,33 @@ class FetchEngine:
                 task.cancel()
             for shard in shards[1:]:
                 shard.kill()  # no-op once a shard process has finished
-            for shard in shards[1:]:  # reaped while the loop runs: asyncio warns of children it outlives
+            for shard in shards[1:]:  # reaped: no zombie left
                 await shard.wait()
+            for early in self._early:  # more were started early than this job's hosts could use
+                early.kill()
+                await early.wait()
+            self._early.clear()
             reporter.cancel()
             self._emit()
         return self.outcomes
+
+    @contextlib.contextmanager
+    def shards_started_early(self, candidates: int) -> Iterator[None]:
+        """Start now the shard processes a job of `candidates` candidates may use, so their
+        start-up (a Python process importing aiohttp: about 0.3 s of CPU) overlaps the caller's
+        planning instead of holding back the hosts routed to them. `run` inside the block uses
+        them; those it does not use are stopped on leaving it."""
+        from gbif_assets.fetch.shard import MODULE  # it imports this module: loaded on use
+
+        wanted = self.config.processes - 1 if candidates >= self.config.shard_min_candidates else 0
+        try:
+            for _ in range(wanted):
+                self._early.append(Child(MODULE))
+            yield
+        finally:
+            for early in self._early:
+                early.stop()
+            self._early.clear()
 
     def _extra_processes(self, streams: dict[str, tuple[list[Candidate], int]]) -> int:
         """Shard processes beyond this one: only for jobs large enough to repay their start-up."""

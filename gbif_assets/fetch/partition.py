@@ -267,11 +267,95 @@ def _download_label(
     kept_path = home / "metadata" / "partitions" / f"{folder}.parquet"
     log_path = home / "metadata" / "downloads" / f"{folder}.parquet"
     log = _AttemptLog(log_path)
-    log.fold()  # the attempts of a run that was killed, from its journal
-    sources = log.sources()
-    previous = {r["url_sha1"]: r for r in _read_rows(kept_path)}
-    on_disk = _files_by_sha1(home, folder)
-    refused = log.refused()
+    engine = FetchEngine(config, progress, on_attempts=log.flush)
+    # a large label's shard processes start now: their start-up overlaps the planning
+    with engine.shards_started_early(len(rows)):
+        log.fold()  # the attempts of a run that was killed, from its journal
+        previous = {r["url_sha1"]: r for r in _read_rows(kept_path)}
+        on_disk = _files_by_sha1(home, folder)
+        plan = _plan(rows, label, folder, home, config, previous, on_disk, log.sources(), log.refused())
+        engine.kept_sha256 = {r["sha256"]: str(home / r["path"]) for r in plan.kept if r.get("sha256")}
+        todo = plan.todo
+        outcomes: list[Outcome] = asyncio.run(engine.run(todo)) if any(t for _, t in todo.values()) else []
+    kept, recovered, present = plan.kept, plan.recovered, plan.present
+    by_sha = {r["url_sha1"]: r for r in rows}
+    for outcome in outcomes:
+        if outcome.ok and outcome.path and outcome.verified:
+            v = outcome.verified
+            row = by_sha[outcome.candidate.url_sha1]
+            source = outcome.source or "publisher"
+            kept.append(
+                _kept_row(
+                    row,
+                    label,
+                    outcome.path,
+                    home,
+                    v.sha256,
+                    v.width,
+                    v.height,
+                    v.size,
+                    v.mime,
+                    source,
+                    outcome.fetched_at,
+                )
+            )
+    gone, surplus = _reconcile(home, folder, rows, kept, previous, vanished, manifest_parquet)
+    log.fold(engine.attempts[log.written :] + _not_logged(log_path, recovered))
+    _write_parquet(pa.Table.from_pylist(kept, schema=KEPT_SCHEMA), kept_path)
+    targets = {s: int(r["stream_target"]) for r in rows for s in [r["stream"]]}
+    got = Counter(r["stream"] for r in kept)
+    shortfall = [
+        {"stream": s, "target": t, "kept": got[s], "missing": t - got[s]}
+        for s, t in sorted(targets.items())
+        if got[s] < t
+    ]
+    seconds = time.monotonic() - started
+    fetched = sum(1 for o in outcomes if o.ok)
+    return LabelFetchResult(
+        label=label,
+        target=sum(targets.values()),
+        kept=len(kept),
+        already_present=sum(present.values()),
+        fetched=fetched,
+        rescued_by_gbif_cache=sum(1 for o in outcomes if o.ok and o.source == "gbif_cache"),
+        failures=dict(Counter(a["error"] for a in engine.attempts if a["error"])),
+        shortfall=shortfall,
+        attempts=len(engine.attempts),
+        seconds=round(seconds, 2),
+        images_per_second=round(fetched / seconds, 1) if seconds else 0.0,
+        log_path=log_path,
+        kept_path=kept_path,
+        vanished=gone,
+        vanished_policy=vanished,
+        surplus_removed=surplus,
+        notes=([f"{len(shortfall)} stream(s) short of target: candidates ran out"] if shortfall else [])
+        + ([f"{gone} file(s) whose media left GBIF or the filters: {vanished}"] if gone else []),
+    )
+
+
+@dataclass
+class _Plan:
+    """What a partition run starts from: the files kept as they are, those a killed run finished,
+    and per stream the candidates to fetch with how many more images the stream needs."""
+
+    kept: list[dict[str, Any]]
+    recovered: list[dict[str, Any]]
+    present: Counter[str]
+    todo: dict[str, tuple[list[Candidate], int]]
+
+
+def _plan(
+    rows: list[dict[str, Any]],
+    label: str,
+    folder: str,
+    home: Path,
+    config: FetchConfig,
+    previous: dict[str, dict[str, Any]],
+    on_disk: dict[str, Path],
+    sources: dict[str, str],
+    refused: set[str],
+) -> _Plan:
+    """Which files on disk stay, and which candidates each stream fetches."""
     kept: list[dict[str, Any]] = []
     recovered: list[dict[str, Any]] = []  # files a killed run finished after its journal's last batch
     streams: dict[str, tuple[list[Candidate], int]] = {}
@@ -327,63 +411,7 @@ def _download_label(
             )
         )
     todo = {s: (c, max(0, t - present[s])) for s, (c, t) in streams.items()}
-
-    engine = FetchEngine(config, progress, on_attempts=log.flush)
-    engine.kept_sha256 = {r["sha256"]: str(home / r["path"]) for r in kept if r.get("sha256")}
-    outcomes: list[Outcome] = asyncio.run(engine.run(todo)) if any(t for _, t in todo.values()) else []
-    by_sha = {r["url_sha1"]: r for r in rows}
-    for outcome in outcomes:
-        if outcome.ok and outcome.path and outcome.verified:
-            v = outcome.verified
-            row = by_sha[outcome.candidate.url_sha1]
-            source = outcome.source or "publisher"
-            kept.append(
-                _kept_row(
-                    row,
-                    label,
-                    outcome.path,
-                    home,
-                    v.sha256,
-                    v.width,
-                    v.height,
-                    v.size,
-                    v.mime,
-                    source,
-                    outcome.fetched_at,
-                )
-            )
-    gone, surplus = _reconcile(home, folder, rows, kept, previous, vanished, manifest_parquet)
-    log.fold(engine.attempts[log.written :] + _not_logged(log_path, recovered))
-    _write_parquet(pa.Table.from_pylist(kept, schema=KEPT_SCHEMA), kept_path)
-    targets = {s: int(r["stream_target"]) for r in rows for s in [r["stream"]]}
-    got = Counter(r["stream"] for r in kept)
-    shortfall = [
-        {"stream": s, "target": t, "kept": got[s], "missing": t - got[s]}
-        for s, t in sorted(targets.items())
-        if got[s] < t
-    ]
-    seconds = time.monotonic() - started
-    fetched = sum(1 for o in outcomes if o.ok)
-    return LabelFetchResult(
-        label=label,
-        target=sum(targets.values()),
-        kept=len(kept),
-        already_present=sum(present.values()),
-        fetched=fetched,
-        rescued_by_gbif_cache=sum(1 for o in outcomes if o.ok and o.source == "gbif_cache"),
-        failures=dict(Counter(a["error"] for a in engine.attempts if a["error"])),
-        shortfall=shortfall,
-        attempts=len(engine.attempts),
-        seconds=round(seconds, 2),
-        images_per_second=round(fetched / seconds, 1) if seconds else 0.0,
-        log_path=log_path,
-        kept_path=kept_path,
-        vanished=gone,
-        vanished_policy=vanished,
-        surplus_removed=surplus,
-        notes=([f"{len(shortfall)} stream(s) short of target: candidates ran out"] if shortfall else [])
-        + ([f"{gone} file(s) whose media left GBIF or the filters: {vanished}"] if gone else []),
-    )
+    return _Plan(kept, recovered, present, todo)
 
 
 def _reconcile(

@@ -10,14 +10,17 @@ kill them when their parent dies, so a `kill -9` of a build leaves no process be
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import pickle
 import struct
+import subprocess
 import sys
 from collections.abc import Callable
 from typing import Any
 
 FRAME = struct.Struct("!I")  # the byte length of the pickle that follows
+WAIT_POLL_S = 0.01  # how often `Child.wait` looks whether the process has exited
 
 
 async def pipe_streams(read_fd: int, write_fd: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -64,33 +67,73 @@ class Batcher:
             self._deliver(items)
 
 
-async def start_child(
-    module: str,
-) -> tuple[asyncio.subprocess.Process, asyncio.StreamReader, asyncio.StreamWriter]:
+class Child:
+    """A child process (`python -m module`) with a pipe in each direction.
+
+    Started from plain code, with or without an event loop (a fetch shard starts while its
+    partition is still being planned); its pipes join the loop that uses it (`attach`).
+    """
+
+    def __init__(self, module: str) -> None:
+        to_child_read, self._write_fd = os.pipe()
+        self._read_fd, from_child_write = os.pipe()
+        try:
+            self._popen = subprocess.Popen(
+                [sys.executable, "-m", module, str(to_child_read), str(from_child_write), "--parent", str(os.getpid())],
+                pass_fds=(to_child_read, from_child_write),
+                stdin=subprocess.DEVNULL,
+            )
+        except BaseException:
+            os.close(self._write_fd)
+            os.close(self._read_fd)
+            raise
+        finally:
+            os.close(to_child_read)
+            os.close(from_child_write)
+        self.pid = self._popen.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._popen.poll()
+
+    async def attach(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Our two pipe ends as streams of the running loop (they close with them)."""
+        fds, self._read_fd, self._write_fd = (self._read_fd, self._write_fd), -1, -1
+        if -1 in fds:
+            raise RuntimeError(f"child process {self.pid}: its pipes are already attached or closed")
+        return await pipe_streams(*fds)
+
+    def kill(self) -> None:
+        """Stop it now (no-op once it has exited); pipes not yet attached are closed."""
+        for fd in (self._read_fd, self._write_fd):
+            if fd != -1:
+                os.close(fd)
+        self._read_fd = self._write_fd = -1
+        if self._popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._popen.kill()
+
+    def stop(self) -> None:
+        """Kill it and reap it, outside an event loop."""
+        self.kill()
+        self._popen.wait()
+
+    async def wait(self) -> int:
+        """Its exit code, once it has exited (reaped, so no zombie is left)."""
+        while (code := self._popen.poll()) is None:
+            await asyncio.sleep(WAIT_POLL_S)
+        return code
+
+
+async def start_child(module: str) -> tuple[Child, asyncio.StreamReader, asyncio.StreamWriter]:
     """Start `python -m module` with a pipe in each direction; returns it and our two ends."""
-    to_child_read, to_child_write = os.pipe()
-    from_child_read, from_child_write = os.pipe()
+    child = Child(module)
     try:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            module,
-            str(to_child_read),
-            str(from_child_write),
-            "--parent",
-            str(os.getpid()),
-            pass_fds=(to_child_read, from_child_write),
-            stdin=asyncio.subprocess.DEVNULL,
-        )
+        reader, writer = await child.attach()
     except BaseException:
-        os.close(to_child_write)
-        os.close(from_child_read)
+        child.kill()
         raise
-    finally:
-        os.close(to_child_read)
-        os.close(from_child_write)
-    reader, writer = await pipe_streams(from_child_read, to_child_write)
-    return process, reader, writer
+    return child, reader, writer
 
 
 def child_fds(argv: list[str]) -> tuple[int, int]:

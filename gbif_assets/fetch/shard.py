@@ -10,13 +10,12 @@ the attempt log and the progress figures.
 
 Parent and shard talk over two pipes (`pipes.py`): jobs in; results and attempt rows out, batched
 once per event-loop turn. A shard dies with its parent (PR_SET_PDEATHSIG), so a `kill -9` of a
-build leaves no fetch process behind. Started by `RemoteShard`, not by hand.
+build leaves no fetch process behind. Started by `RemoteShard` or `FetchEngine.shards_started_early`, not by hand.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -30,9 +29,10 @@ from gbif_assets.fetch.engine import (
     fewer_gc_passes,
     socket_buffers_on_heap,
 )
-from gbif_assets.fetch.pipes import Batcher, child_fds, pipe_streams, receive, send, start_child
+from gbif_assets.fetch.pipes import Batcher, Child, child_fds, pipe_streams, receive, send
 from gbif_assets.fetch.verify import Verified, die_with_parent
 
+MODULE = "gbif_assets.fetch.shard"
 Packed = tuple[int, bool, str | None, tuple[Any, ...] | None, str | None, str | None, Any]
 
 
@@ -54,7 +54,7 @@ class RemoteShard:
 
     def __init__(
         self,
-        process: asyncio.subprocess.Process,
+        process: Child,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         deliver: Callable[[int, Outcome], None],
@@ -72,9 +72,16 @@ class RemoteShard:
         config: FetchConfig,
         deliver: Callable[[int, Outcome], None],
         log_attempts: Callable[[list[dict[str, Any]]], None],
+        started: Child | None = None,
     ) -> RemoteShard:
-        """Start a shard process with `config` (its share of the concurrency)."""
-        process, reader, writer = await start_child("gbif_assets.fetch.shard")
+        """Give a shard process its `config` (its share of the concurrency): one `started`
+        early (see `FetchEngine.shards_started_early`), or a new one."""
+        process = started or Child(MODULE)
+        try:
+            reader, writer = await process.attach()
+        except BaseException:
+            process.kill()
+            raise
         send(writer, ("config", config))
         return cls(process, reader, writer, deliver, log_attempts)
 
@@ -103,9 +110,7 @@ class RemoteShard:
 
     def kill(self) -> None:
         """Stop the process if it still runs (after a failure elsewhere in the run)."""
-        if self._process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self._process.kill()
+        self._process.kill()
         self._writer.close()
 
     async def wait(self) -> None:
@@ -117,7 +122,9 @@ async def _serve(read_fd: int, write_fd: int) -> None:
     """The shard process: take jobs until told to close, fetch them, send results back."""
     reader, writer = await pipe_streams(read_fd, write_fd)
     first = await receive(reader)
-    if first is None or first[0] != "config":
+    if first is None:
+        return  # started early for a job that did not need it
+    if first[0] != "config":
         raise SystemExit("fetch shard: expected its configuration first")
     engine = FetchEngine(first[1])
 

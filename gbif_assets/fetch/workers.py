@@ -26,7 +26,7 @@ import threading
 import time
 from typing import Any, BinaryIO
 
-from gbif_assets.fetch.pipes import FRAME, Batcher, child_fds, receive, send, start_child
+from gbif_assets.fetch.pipes import FRAME, Batcher, Child, child_fds, receive, send, start_child
 from gbif_assets.fetch.verify import Verified, die_with_parent, verify_image
 
 MODULE = "gbif_assets.fetch.workers"
@@ -38,7 +38,7 @@ TRIES = 2  # a file held by a worker that died is checked again once; the second
 class _Worker:
     """One worker process and the checks it holds."""
 
-    def __init__(self, process: asyncio.subprocess.Process, reader: asyncio.StreamReader,
+    def __init__(self, process: Child, reader: asyncio.StreamReader,
                  writer: asyncio.StreamWriter) -> None:  # fmt: skip
         self.process, self.reader, self.writer = process, reader, writer
         self.pending: dict[int, asyncio.Future[Verified | None]] = {}  # None: the worker died
@@ -112,7 +112,7 @@ class VerifyPool:
         for worker in list(self._workers):
             if worker.reading is not None:
                 await asyncio.wait([worker.reading])  # done or cancelled (Ctrl-C): either way it is over
-            await worker.process.wait()  # reaped while the loop runs: asyncio warns of children it outlives
+            await worker.process.wait()  # reaped: no zombie left
 
 
 class _Server:

@@ -6,6 +6,8 @@ import asyncio
 import hashlib
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -147,3 +149,98 @@ def test_the_process_count_defaults_to_the_cores(monkeypatch: pytest.MonkeyPatch
 def test_an_empty_job_with_processes_on_finishes_at_once(tmp_path: Path) -> None:
     engine = _run(_config(), {"s": ([], 5), "t": ([], 0)})
     assert engine.outcomes == [] and engine.host_report() == {}
+
+
+def _zombie_children() -> list[int]:
+    """Exited children of this test process that nobody reaped."""
+    zombies = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            state, ppid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:2]
+        except (OSError, ValueError):
+            continue
+        if state == "Z" and int(ppid) == os.getpid():
+            zombies.append(int(entry.name))
+    return zombies
+
+
+def test_shards_started_early_do_the_fetching(hosts: ImageHosts, tmp_path: Path) -> None:
+    """The shard process started before `run` (while a partition is planned) is the one that
+    fetches: no second process starts, and none is left after."""
+    cands = [
+        _cand(f"{hosts.base_urls[name]}/early/{name}/{i}.jpg", tmp_path, rank=2 * i + n)
+        for i in range(20)
+        for n, name in enumerate(["ok", "slow"])
+    ]
+    engine = FetchEngine(_config())
+    seen: set[int] = set()
+    with engine.shards_started_early(len(cands)):
+        early = set(_shard_pids())
+        assert len(early) == 1
+        running = threading.Event()
+
+        def watch() -> None:
+            while not running.is_set():
+                seen.update(_shard_pids())
+                time.sleep(0.01)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        try:
+            asyncio.run(engine.run({"s": (cands, len(cands))}))
+        finally:
+            running.set()
+            watcher.join()
+    assert seen == early
+    assert sum(o.ok for o in engine.outcomes) == 40
+    assert {r["shard"] for r in engine.host_report().values()} == {0, 1}
+    assert _shard_pids() == [] and _zombie_children() == []
+
+
+def test_shards_started_early_and_not_needed_are_stopped(hosts: ImageHosts, tmp_path: Path) -> None:
+    """Planning that fails, or a job that needs no second process, leaves no process behind."""
+    engine = FetchEngine(_config(shard_min_candidates=50))
+    with pytest.raises(ValueError, match="planning failed"), engine.shards_started_early(100):
+        assert len(_shard_pids()) == 1
+        raise ValueError("planning failed")
+    assert _shard_pids() == [] and _zombie_children() == []
+    one_host = [_cand(f"{hosts.base_urls['ok']}/early-one/{i}.jpg", tmp_path, rank=i) for i in range(3)]
+    with engine.shards_started_early(100):
+        asyncio.run(engine.run({"s": (one_host, 3)}))
+    assert sum(o.ok for o in engine.outcomes) == 3
+    assert {r["shard"] for r in engine.host_report().values()} == {0}
+    assert _shard_pids() == [] and _zombie_children() == []
+    with engine.shards_started_early(10):  # below shard_min_candidates: none started
+        assert _shard_pids() == []
+
+
+def test_a_build_killed_while_planning_leaves_no_early_shard(tmp_path: Path) -> None:
+    """kill -9 of the process planning a partition: the shard it started early dies with it."""
+    code = (
+        "import time\n"
+        "from gbif_assets.fetch import FetchConfig, FetchEngine\n"
+        "engine = FetchEngine(FetchConfig(processes=2, shard_min_candidates=0))\n"
+        "with engine.shards_started_early(1):\n"
+        "    print('planning', flush=True)\n"
+        "    time.sleep(60)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    assert parent.stdout is not None and parent.stdout.readline() == b"planning\n"
+
+    def shards() -> list[Path]:
+        return [p for p in Path("/proc").glob("[0-9]*") if _cmdline(p).endswith(f"--parent {parent.pid}")]
+
+    assert len(shards()) == 1
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 5
+    while shards() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert shards() == []
+
+
+def _cmdline(proc: Path) -> str:
+    try:
+        return (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
