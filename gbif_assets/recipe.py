@@ -70,12 +70,19 @@ def _mime(text: str) -> str:
     return FORMAT_SYNONYMS.get(mime, mime)
 
 
-def _no_typo(field: str) -> None:
-    """`specieskey` or `datasetkey` would load a column of nothing: name the field meant."""
+def _record_field(field: str) -> None:
+    """A label or stream key must be a field of GBIF occurrence records: `specieskey` or
+    `fooKey` would load a column of nothing, and fail only after the occurrences are fetched."""
     from gbif_assets.gbif.predicate import RECORD_FIELDS, typo_of
 
     if (meant := typo_of(field, RECORD_FIELDS)) is not None:
         raise ValueError(f"{field!r} is not an occurrence field; did you mean {meant!r}?")
+    if field not in RECORD_FIELDS:
+        raise ValueError(
+            f"{field!r} is not a field of GBIF occurrence records (such as speciesKey, genusKey, familyKey, "
+            "species, genus, family, datasetKey, publishingOrgKey, countryCode, basisOfRecord, year: "
+            "the names GBIF's occurrence downloads and search results use)"
+        )
 
 
 class Source(_Model):
@@ -290,7 +297,7 @@ class Balance(_Model):
         for field in fields:
             if not isinstance(field, str) or not FIELD_RE.match(field):
                 raise ValueError(f"{field!r} is not an occurrence field name")
-            _no_typo(field)
+            _record_field(field)
         return fields
 
     @field_validator("nb_samples")
@@ -443,7 +450,7 @@ class Recipe(_Model):
     def _label(cls, value: Any) -> str:
         if not isinstance(value, str) or not FIELD_RE.match(value):
             raise ValueError(f"{value!r} is not an occurrence field name (like speciesKey)")
-        _no_typo(value)
+        _record_field(value)
         return value
 
     @field_validator("refresh_cron")

@@ -32,12 +32,62 @@ MORE_SEARCH_FIELDS = {
     "higherGeography", "island", "islandGroup", "fieldNumber", "checklistKey", "taxonConceptId",
 }  # fmt: skip
 SEARCH_FIELDS = frozenset(key_lkup) | frozenset(KEY_FIXES) | MORE_SEARCH_FIELDS
-# fields of an occurrence record a recipe may label or balance by, beyond the search parameters
+# every field of a GBIF occurrence record, which a recipe may label or balance by: the interpreted
+# occurrence.txt columns of a DwC-A download (the 2014 fixture's meta.xml), the SIMPLE_CSV columns
+# (2020 and 2025 fixtures), the fields of occurrence-search results (recorded responses) and the
+# fields GBIF added since (GADM levels, recordedByID, checklistKey...); plus the search parameters
 RECORD_FIELDS = SEARCH_FIELDS | {
-    "species", "genus", "family", "order", "class", "phylum", "kingdom", "acceptedScientificName",
-    "genericName", "specificEpithet", "taxonRank", "lifeStage", "sex", "occurrenceStatus", "countryCode",
-    "stateProvince", "recordedBy", "institutionCode", "collectionCode", "year", "month", "basisOfRecord",
-    "publishingOrgKey", "datasetKey", "speciesKey", "acceptedTaxonKey", "taxonKey", "iucnRedListCategory",
+    "abstract", "acceptedNameUsage", "acceptedNameUsageID", "acceptedScientificName", "acceptedTaxonKey",
+    "accessRights", "accrualMethod", "accrualPeriodicity", "accrualPolicy", "alternative",
+    "associatedOccurrences", "associatedOrganisms", "associatedReferences", "associatedSequences",
+    "associatedTaxa", "audience", "available", "basisOfRecord", "bed", "behavior", "bibliographicCitation",
+    "caste", "catalogNumber", "checklistKey", "class", "classKey", "collectionCode", "collectionID",
+    "collectionKey", "conformsTo", "continent", "contributor", "coordinateAccuracy", "coordinatePrecision",
+    "coordinateUncertaintyInMeters", "country", "countryCode", "county", "coverage", "created", "creator",
+    "cultivarEpithet", "dataGeneralizations", "datasetID", "datasetKey", "datasetName", "datasetTitle", "date",
+    "dateAccepted", "dateCopyrighted", "dateIdentified", "dateSubmitted", "day", "decimalLatitude",
+    "decimalLongitude", "degreeOfEstablishment", "depth", "depthAccuracy", "description", "disposition",
+    "distanceAboveSurface", "distanceAboveSurfaceAccuracy", "distanceFromCentroidInMeters", "dnaSequenceID",
+    "dynamicProperties", "earliestAgeOrLowestStage", "earliestEonOrLowestEonothem",
+    "earliestEpochOrLowestSeries", "earliestEraOrLowestErathem", "earliestPeriodOrLowestSystem",
+    "educationLevel", "elevation", "elevationAccuracy", "endDayOfYear", "establishmentMeans", "eventDate",
+    "eventID", "eventRemarks", "eventTime", "eventType", "extent", "family", "familyKey", "fieldNotes",
+    "fieldNumber", "footprintSpatialFit", "footprintSRS", "footprintWKT", "format", "formation", "gbifID",
+    "gbifRegion", "genericName", "genus", "genusKey", "geodeticDatum", "geologicalContextID", "georeferencedBy",
+    "georeferencedDate", "georeferenceProtocol", "georeferenceRemarks", "georeferenceSources",
+    "georeferenceVerificationStatus", "group", "habitat", "hasCoordinate", "hasFormat", "hasGeospatialIssues",
+    "hasPart", "hasVersion", "higherClassification", "higherGeography", "higherGeographyID",
+    "highestBiostratigraphicZone", "hostingOrganizationKey", "identificationID", "identificationQualifier",
+    "identificationReferences", "identificationRemarks", "identificationVerificationStatus", "identifiedBy",
+    "identifiedByID", "identifier", "individualCount", "individualID", "informationWithheld",
+    "infragenericEpithet", "infraspecificEpithet", "installationKey", "institutionCode", "institutionID",
+    "institutionKey", "instructionalMethod", "isFormatOf", "isInCluster", "island", "islandGroup", "isPartOf",
+    "isReferencedBy", "isReplacedBy", "isRequiredBy", "isSequenced", "issue", "issued", "isVersionOf",
+    "iucnRedListCategory", "kingdom", "kingdomKey", "language", "lastCrawled", "lastInterpreted", "lastParsed",
+    "latestAgeOrHighestStage", "latestEonOrHighestEonothem", "latestEpochOrHighestSeries",
+    "latestEraOrHighestErathem", "latestPeriodOrHighestSystem", "level0Gid", "level0Name", "level1Gid",
+    "level1Name", "level2Gid", "level2Name", "level3Gid", "level3Name", "license", "lifeStage",
+    "lithostratigraphicTerms", "locality", "locationAccordingTo", "locationID", "locationRemarks",
+    "lowestBiostratigraphicZone", "materialSampleID", "maximumDistanceAboveSurfaceInMeters", "mediator",
+    "mediaType", "medium", "member", "minimumDistanceAboveSurfaceInMeters", "modified", "month", "municipality",
+    "nameAccordingTo", "nameAccordingToID", "namePublishedIn", "namePublishedInID", "namePublishedInYear",
+    "networkKey", "nomenclaturalCode", "nomenclaturalStatus", "nonTaxonomicIssue", "occurrenceDetails",
+    "occurrenceID", "occurrenceRemarks", "occurrenceStatus", "order", "orderKey", "organismID", "organismName",
+    "organismQuantity", "organismQuantityType", "organismRemarks", "originalNameUsage", "originalNameUsageID",
+    "otherCatalogNumbers", "ownerInstitutionCode", "parentEventID", "parentNameUsage", "parentNameUsageID",
+    "pathway", "phylum", "phylumKey", "pointRadiusSpatialFit", "preparations", "previousIdentifications",
+    "programmeAcronym", "projectId", "protocol", "provenance", "publishedByGbifRegion", "publisher",
+    "publishingCountry", "publishingOrgKey", "recordedBy", "recordedByID", "recordNumber", "references",
+    "relation", "relativeOrganismQuantity", "repatriated", "replaces", "reproductiveCondition", "requires",
+    "rights", "rightsHolder", "sampleSizeUnit", "sampleSizeValue", "samplingEffort", "samplingProtocol",
+    "scientificName", "scientificNameAuthorship", "scientificNameID", "sex", "source", "spatial", "species",
+    "speciesKey", "specificEpithet", "startDayOfYear", "stateProvince", "subfamily", "subgenus", "subgenusKey",
+    "subject", "superfamily", "tableOfContents", "taxonConceptID", "taxonID", "taxonKey", "taxonomicIssue",
+    "taxonomicStatus", "taxonRank", "taxonRemarks", "temporal", "title", "tribe", "type", "typeStatus",
+    "typifiedName", "verbatimCoordinateSystem", "verbatimDepth", "verbatimElevation", "verbatimEventDate",
+    "verbatimIdentification", "verbatimLabel", "verbatimLocality", "verbatimScientificName",
+    "verbatimScientificNameAuthorship", "verbatimSRS", "verbatimTaxonRank", "vernacularName", "vitality",
+    "waterBody", "year"
 }  # fmt: skip
 
 

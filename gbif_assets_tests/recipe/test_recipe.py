@@ -193,6 +193,13 @@ BAD = [
     ),
     ("empty query value", _edit(["source", "query"], {"speciesKey": [""]}), "source.query", "empty value"),
     ("label typo", _edit(["label"], "specieskey"), "label", "did you mean 'speciesKey'"),
+    ("label not a GBIF field", _edit(["label"], "fooKey"), "label", "not a field of GBIF occurrence records"),
+    (
+        "stream key not a GBIF field",
+        _edit(["balance", "split_streams_by"], ["datasetKey", "photographer"]),
+        "balance.split_streams_by",
+        "not a field of GBIF occurrence records",
+    ),
     (
         "stream field typo",
         _edit(["balance", "split_streams_by"], ["datasetkey"]),
@@ -494,6 +501,14 @@ def test_formats_and_media_types_are_normalised(tmp_path: Path) -> None:
     filters = load_recipe(_write(tmp_path, data)).filters
     assert filters.formats == ["image/jpeg", "image/png", "image/tiff"]
     assert filters.media_types == ["StillImage"]
+
+
+@pytest.mark.parametrize("field", ["iucnRedListCategory", "stateProvince", "level1Name", "order", "recordedByID"])
+def test_any_gbif_occurrence_field_may_label_or_balance(tmp_path: Path, field: str) -> None:
+    """Rarer fields of GBIF's records (IUCN category, GADM level, order...) stay valid labels."""
+    data = _edit(["balance", "split_streams_by"], [field])(_edit(["label"], field)(_base()))
+    recipe = load_recipe(_write(tmp_path, data))
+    assert recipe.label == field and recipe.balance.split_streams_by == [field]
 
 
 @pytest.mark.parametrize(
