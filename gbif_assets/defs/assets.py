@@ -218,7 +218,7 @@ def build_dataset_assets(recipe: Recipe) -> list[dg.AssetsDefinition]:
             "exports",
             steps.exports,
             {"csv", "json"},
-            "HF imagefolder metadata.csv and a Croissant description.",
+            "HF imagefolder metadata.jsonl and a Croissant description.",
         ),
     ):
         assets.append(_report_asset(recipe, report_name, func, kinds, description, image_metadata))

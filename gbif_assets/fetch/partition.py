@@ -210,7 +210,7 @@ def _files_by_sha1(home: Path, folder: str) -> dict[str, Path]:
     for split in ("train", "val", "test"):
         with contextlib.suppress(FileNotFoundError):
             for entry in os.scandir(home / "images" / split / folder):
-                if entry.is_file() and not entry.name.startswith(".") and entry.name != "metadata.csv":
+                if entry.is_file() and not entry.name.startswith("."):
                     found.setdefault(entry.name.split(".", 1)[0], Path(entry.path))
     return found
 
@@ -434,7 +434,7 @@ def _reconcile(
     for split in ("train", "val", "test"):
         for path in (home / "images" / split / folder).glob("*.*"):
             rel = path.relative_to(home).as_posix()
-            if path.name.startswith(".") or path.name == "metadata.csv" or rel in kept_paths:
+            if path.name.startswith(".") or rel in kept_paths:
                 continue
             sha1 = path.name.split(".", 1)[0]
             if sha1 in in_manifest:

@@ -19,6 +19,7 @@ from gbif_assets.reports.metadata import rows_of
 
 SPLITS = ("train", "val", "test")
 HF_COLUMNS = ["file_name", "label", "gbif_id", "license", "creator", "source_url"]
+HF_METADATA = "metadata.jsonl"  # JSON Lines keep types: a CSV's labels 3189866 would load as int64
 
 
 @dataclass
@@ -33,11 +34,13 @@ class ExportResult:
 
 
 def hf_metadata(home: Path) -> tuple[list[Path], Path, int]:
-    """images/<split>/metadata.csv for Hugging Face `imagefolder`; reports/images.csv (all rows).
+    """images/<split>/metadata.jsonl for Hugging Face `imagefolder`; reports/images.csv (all rows).
 
     `imagefolder` reads one metadata file per split folder, with `file_name` relative to that
-    folder (a single images/metadata.csv is ignored when split folders exist); `val` maps to the
-    `validation` split by the library's split-name keywords.
+    folder (a single images/metadata.jsonl is ignored when split folders exist); `val` maps to the
+    `validation` split by the library's split-name keywords. With a metadata file the library
+    takes no class from the folder names, so `label` is there as text (speciesKey 3189866 as
+    "3189866", not an int64): `ds.class_encode_column("label")` makes the class label.
     """
     rows = rows_of(
         home,
@@ -50,15 +53,30 @@ def hf_metadata(home: Path) -> tuple[list[Path], Path, int]:
     if unknown:
         raise ValueError(f"images.parquet has split {unknown[0]!r}; exports know only {', '.join(SPLITS)}")
     written = []
-    for split in sorted({r["split"] for r in rows}):
+    for split in SPLITS:
+        (home / "images" / split / "metadata.csv").unlink(missing_ok=True)  # an earlier version's: two would clash
         part = [dict(r, file_name=r["file_name"].split("/", 1)[1]) for r in rows if r["split"] == split]
-        written.append(write_csv(home / "images" / split / "metadata.csv", part, HF_COLUMNS))
-    for split in set(SPLITS) - {r["split"] for r in rows}:  # emptied by a refresh: no stale listing
-        (home / "images" / split / "metadata.csv").unlink(missing_ok=True)
+        if part:
+            written.append(_write_jsonl(home / "images" / split / HF_METADATA, part, HF_COLUMNS))
+            continue
+        (home / "images" / split / HF_METADATA).unlink(missing_ok=True)  # emptied by a refresh: no stale listing
         with contextlib.suppress(OSError):  # gone already, or still holding something
             (home / "images" / split).rmdir()
     table = write_csv(home / "reports" / "images.csv", rows, ["file_name", "split", *HF_COLUMNS[1:], "path"])
     return written, table, len(rows)
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> Path:
+    """One JSON object per row, through a temporary file; identifiers and labels as text."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w", encoding="utf-8") as handle:
+        for row in rows:
+            record = {c: row.get(c) for c in columns}
+            for column in ("label", "gbif_id"):
+                record[column] = None if record[column] is None else str(record[column])
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+    return path
 
 
 def croissant(

@@ -295,7 +295,7 @@ def check_files_match(home: Path) -> list[str]:
     files = {
         p.relative_to(home).as_posix(): p.stat()
         for p in (home / "images").rglob("*")
-        if p.is_file() and not p.name.startswith(".") and p.name != "metadata.csv"
+        if p.is_file() and not p.name.startswith(".") and p.name not in ("metadata.jsonl", "metadata.csv")
     }
     problems = [f"file without a row: {p}" for p in sorted(files.keys() - rows.keys())]
     problems += [f"row without a file: {p}" for p in sorted(rows.keys() - files.keys())]

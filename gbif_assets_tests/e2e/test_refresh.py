@@ -89,7 +89,7 @@ def test_a_recipe_narrowed_between_builds(gbif_env: Path) -> None:
     assert {r["label"] for r in second} == {"5352251", "3190653"}
     assert "CC-BY-NC-4.0" not in {r["license"] for r in second}
     assert not list(home.glob("images/*/3189866"))
-    on_disk = {p.relative_to(home).as_posix() for p in home.glob("images/*/*/*.*") if p.name != "metadata.csv"}
+    on_disk = {p.relative_to(home).as_posix() for p in home.glob("images/*/*/*.*") if p.name != "metadata.jsonl"}
     assert on_disk == {r["path"] for r in second}
     instance = dg.DagsterInstance.local_temp(tempdir=str(gbif_env / "data" / ".dagster"))
     assert set(instance.get_dynamic_partitions("narrowed_labels")) == {"5352251", "3190653"}

@@ -45,19 +45,29 @@ def test_hf_imagefolder_loads_every_image_with_label_and_split(
         assert sorted(got) == sorted(expected[split])
         assert isinstance(part[0]["image"], Image.Image)
     assert exported.rows == 9
+    # labels stay text (numeric taxon keys are not read as int64), and become a ClassLabel at one call
+    assert ds["train"].features["label"].dtype == "string"
+    assert ds.class_encode_column("label")["train"].features["label"].names == ["1001", "2002"]
 
 
 def test_hf_metadata_files(merged: Path, exported) -> None:
-    assert exported.hf_metadata_files == [merged / "images" / s / "metadata.csv" for s in ("test", "train", "val")]
+    assert exported.hf_metadata_files == [merged / "images" / s / "metadata.jsonl" for s in ("train", "val", "test")]
     for file in exported.hf_metadata_files:
-        with file.open(encoding="utf-8") as handle:
-            for row in csv.DictReader(handle):
-                # file_name is relative to the split folder and names a real image of that label.
-                assert (file.parent / row["file_name"]).is_file()
-                assert row["file_name"].split("/")[0] == row["label"]
+        for row in map(json.loads, file.read_text(encoding="utf-8").splitlines()):
+            # file_name is relative to the split folder and names a real image of that label.
+            assert (file.parent / row["file_name"]).is_file()
+            assert row["file_name"].split("/")[0] == row["label"]
+            assert isinstance(row["label"], str) and isinstance(row["gbif_id"], str)
     with exported.table_csv.open(encoding="utf-8") as handle:
         table = list(csv.DictReader(handle))
     assert len(table) == 9 and all((merged / r["path"]).is_file() for r in table)
+
+
+def test_an_earlier_versions_metadata_csv_is_replaced(merged: Path) -> None:
+    """Two metadata files in one split folder would make `imagefolder` refuse the folder."""
+    (merged / "images" / "train" / "metadata.csv").write_text("file_name,label\n", encoding="utf-8")
+    export_all(merged, "plants", "d", "c")
+    assert sorted(p.name for p in (merged / "images" / "train").glob("metadata.*")) == ["metadata.jsonl"]
 
 
 def test_imagefolder_layout_is_split_label_file(merged: Path, exported) -> None:
@@ -112,14 +122,14 @@ def test_unknown_split_is_refused(merged: Path) -> None:
     assert not (merged / "croissant.json").exists()
 
 
-def test_a_split_emptied_by_a_refresh_loses_its_metadata_csv(merged: Path, exported) -> None:
-    """A stale images/val/metadata.csv would list deleted files, and `imagefolder` would fail on them."""
+def test_a_split_emptied_by_a_refresh_loses_its_metadata_file(merged: Path, exported) -> None:
+    """A stale images/val/metadata.jsonl would list deleted files, and `imagefolder` would fail on them."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    assert (merged / "images" / "val" / "metadata.csv").exists()
+    assert (merged / "images" / "val" / "metadata.jsonl").exists()
     table = merged / "metadata" / "images.parquet"
     pq.write_table(pa.Table.from_pylist([r for r in pq.read_table(table).to_pylist() if r["split"] != "val"]), table)
     export_all(merged, "plants", "d", "c")
-    assert not (merged / "images" / "val" / "metadata.csv").exists()
-    assert (merged / "images" / "train" / "metadata.csv").exists()
+    assert not (merged / "images" / "val" / "metadata.jsonl").exists()
+    assert (merged / "images" / "train" / "metadata.jsonl").exists()
