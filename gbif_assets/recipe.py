@@ -278,6 +278,12 @@ class Filters(_Model):
                 hint = f"did you mean {meant!r}? " if meant else ""
                 raise ValueError(f"{item!r} is not a GBIF media type; {hint}allowed: " + ", ".join(MEDIA_TYPES))
             out.append(kind)
+        if "StillImage" not in out:
+            raise ValueError(
+                "must include StillImage: the fetch keeps images only, so a set of "
+                + ", ".join(out)
+                + " media would download nothing (other types only add media that publishers mislabel)"
+            )
         return list(dict.fromkeys(out))
 
 
@@ -466,13 +472,13 @@ class Recipe(_Model):
             return self.source.predicate
         if self.source.query is None:
             raise RecipeError(f"recipe {self.name}: mode {self.source.mode!r} has no predicate")
-        return query_to_predicate(self.source.query)
+        return query_to_predicate(self.source.query, self.filters.media_types)
 
     def search_params(self) -> list[tuple[str, str]]:
         """The occurrence-search parameters of the query (repeated parameters are OR'd)."""
         from gbif_assets.gbif.predicate import query_to_search_params
 
-        return query_to_search_params(self.source.query or {})
+        return query_to_search_params(self.source.query or {}, self.filters.media_types)
 
 
 def _format_loc(loc: tuple[Any, ...]) -> str:

@@ -275,6 +275,7 @@ def load_occurrences(recipe: Recipe, settings: Settings, home: Path) -> Occurren
                         recipe.source.query or {},
                         recipe.balance.split_streams_by,
                         _need_per_stream(recipe),
+                        recipe.filters.media_types,
                     )
 
             records, report = asyncio.run(go())

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,11 +55,15 @@ def _with(params: list[tuple[str, str]], fixed: dict[str, str]) -> list[tuple[st
 
 
 async def _stream_values(
-    client: GbifClient, query: dict[str, list[Any]], streams_by: list[str], report: HarvestReport
+    client: GbifClient,
+    base: list[tuple[str, str]],
+    query: dict[str, list[Any]],
+    streams_by: list[str],
+    report: HarvestReport,
 ) -> list[dict[str, str]]:
-    """Stream combinations: from the query's lists, or from facets for fields it leaves open."""
+    """Stream combinations: from the query's lists, or from facets (over the search parameters
+    `base`) for fields it leaves open."""
     choices: list[list[str]] = []
-    base = query_to_search_params(query)
     for name in streams_by:
         if name in query:
             choices.append([str(v) for v in query[name]])
@@ -125,10 +130,11 @@ async def harvest(
     query: dict[str, list[Any]],
     streams_by: list[str],
     need_per_stream: int | None,
+    media_types: Sequence[str] = ("StillImage",),
 ) -> tuple[list[dict[str, Any]], HarvestReport]:
     """Occurrence records for every stream: all of them, or what the balance needs plus a reserve."""
     report = HarvestReport()
-    base = query_to_search_params(query)
+    base = query_to_search_params(query, media_types)
     semaphore = asyncio.Semaphore(CONCURRENT_PAGES)
     records: dict[int, dict[str, Any]] = {}
 
@@ -137,7 +143,7 @@ async def harvest(
             answer = await client.search([*params, ("limit", str(_limit(offset))), ("offset", str(offset))])
         return answer.get("results", [])
 
-    for fixed in await _stream_values(client, query, streams_by, report):
+    for fixed in await _stream_values(client, base, query, streams_by, report):
         params = _with(base, fixed)
         total = int((await client.count(params)).get("count", 0))
         report.requests.append({"purpose": "count", "params": _fmt(params) + "&limit=0"})

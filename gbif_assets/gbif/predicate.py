@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import math
 import re
+from collections.abc import Sequence
 from typing import Any
 
 from pygbif.occurrences.download import GbifDownload, key_lkup
@@ -173,8 +174,9 @@ def predicate_key(field: str) -> str:
     return re.sub(r"(?<!^)(?=[A-Z])", "_", field).upper()
 
 
-def query_to_predicate(query: dict[str, list[Any]]) -> dict[str, Any]:
-    """AND across fields, IN (OR) within a field, always StillImage media only."""
+def query_to_predicate(query: dict[str, list[Any]], media_types: Sequence[str] = ("StillImage",)) -> dict[str, Any]:
+    """AND across fields, IN (OR) within a field; occurrences with media of `media_types` (the
+    recipe's `filters.media_types`) unless the query names mediaType itself."""
     builder = GbifDownload(creator="gbif-assets", email="unused@example.org")
     for field, values in query.items():
         key = predicate_key(field)
@@ -183,16 +185,20 @@ def query_to_predicate(query: dict[str, list[Any]]) -> dict[str, Any]:
             builder.add_predicate_dict({"type": "equals", "key": key, "value": strings[0]})
         else:
             builder.add_predicate_dict({"type": "in", "key": key, "values": strings})
-    if "mediaType" not in query:
-        builder.add_predicate_dict({"type": "equals", "key": "MEDIA_TYPE", "value": "StillImage"})
+    if "mediaType" not in query and len(media_types) == 1:
+        builder.add_predicate_dict({"type": "equals", "key": "MEDIA_TYPE", "value": media_types[0]})
+    elif "mediaType" not in query:
+        builder.add_predicate_dict({"type": "in", "key": "MEDIA_TYPE", "values": list(media_types)})
     return builder.payload["predicate"]
 
 
-def query_to_search_params(query: dict[str, list[Any]]) -> list[tuple[str, str]]:
+def query_to_search_params(
+    query: dict[str, list[Any]], media_types: Sequence[str] = ("StillImage",)
+) -> list[tuple[str, str]]:
     """Occurrence-search parameters: repeated parameters are OR'd by GBIF, different ones AND'd."""
     params = [(field, str(v)) for field, values in query.items() for v in values]
     if "mediaType" not in query:
-        params.append(("mediaType", "StillImage"))
+        params += [("mediaType", kind) for kind in media_types]
     return params
 
 

@@ -217,6 +217,12 @@ BAD = [
     ("empty formats", _edit(["filters", "formats"], []), "filters.formats", "at least one format"),
     ("empty media types", _edit(["filters", "media_types"], []), "filters.media_types", "at least one media type"),
     (
+        "no image media type",
+        _edit(["filters", "media_types"], ["Sound"]),
+        "filters.media_types",
+        "must include StillImage",
+    ),
+    (
         "weighted without nb_samples",
         lambda d: _edit(["balance", "weighted_streams"], True)(_edit(["balance", "nb_samples"], _DELETE)(d)),
         "balance",
@@ -501,6 +507,17 @@ def test_formats_and_media_types_are_normalised(tmp_path: Path) -> None:
     filters = load_recipe(_write(tmp_path, data)).filters
     assert filters.formats == ["image/jpeg", "image/png", "image/tiff"]
     assert filters.media_types == ["StillImage"]
+
+
+def test_media_types_reach_the_gbif_query(tmp_path: Path) -> None:
+    """Occurrences whose only media a publisher typed InteractiveResource are asked for too."""
+    data = _edit(["filters", "media_types"], ["StillImage", "interactiveresource"])(_base())
+    recipe = load_recipe(_write(tmp_path, data))
+    assert [v for k, v in recipe.search_params() if k == "mediaType"] == ["StillImage", "InteractiveResource"]
+    media = [p for p in recipe.predicate()["predicates"] if p["key"] == "MEDIA_TYPE"]
+    assert media == [{"type": "in", "key": "MEDIA_TYPE", "values": ["StillImage", "InteractiveResource"]}]
+    default = load_recipe(_write(tmp_path, _base()))
+    assert [v for k, v in default.search_params() if k == "mediaType"] == ["StillImage"]
 
 
 @pytest.mark.parametrize("field", ["iucnRedListCategory", "stateProvince", "level1Name", "order", "recordedByID"])
