@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 PIL_FORMATS = {"JPEG": ("image/jpeg", "jpg"), "PNG": ("image/png", "png"), "GIF": ("image/gif", "gif"),
                "WEBP": ("image/webp", "webp"), "TIFF": ("image/tiff", "tif")}  # fmt: skip
@@ -454,9 +454,14 @@ def verify_image(
                     with Image.open(path) as full:
                         full.load()
                         resized = full.convert("RGB") if full.mode not in ("RGB", "L") else full.copy()
+                # upright (the copy keeps no EXIF, so its orientation tag is applied to the pixels),
+                # its colour profile kept, its comment and other metadata dropped
+                icc_profile = resized.info.get("icc_profile")
+                resized = ImageOps.exif_transpose(resized)
+                resized.info.pop("comment", None)
                 resized.thumbnail((resize_max_side, resize_max_side))
                 tmp = path + ".resized"
-                resized.save(tmp, "JPEG" if fmt == "JPEG" else "PNG", quality=90)
+                resized.save(tmp, "JPEG" if fmt == "JPEG" else "PNG", quality=90, icc_profile=icc_profile)
                 os.replace(tmp, path)
                 width, height = resized.size
                 fmt = "JPEG" if fmt == "JPEG" else "PNG"

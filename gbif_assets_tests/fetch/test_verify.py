@@ -424,3 +424,23 @@ def test_a_check_past_its_cpu_budget_stops_its_worker_and_fails_only_that_file(t
     assert good_one.ok and all(v.ok for v in rest)
     assert slow.error == "decode_error" and "more than 0.3 s of CPU" in (slow.detail or "")
     assert time.monotonic() - started < 5  # the budget and a new worker's start, not the decode's time
+
+
+def test_a_resized_copy_is_upright_keeps_its_colour_profile_and_drops_the_rest(tmp_path: Path) -> None:
+    """A phone photo stored sideways with an EXIF orientation, a colour profile and a large comment:
+    the small copy keeps no EXIF, so the rotation goes into its pixels; the comment would make it
+    nearly as large as the original."""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    icc = b"\0" * 128
+    path = tmp_path / "photo.jpg"
+    Image.new("RGB", (400, 200), "green").save(
+        path, "JPEG", exif=exif.tobytes(), icc_profile=icc, comment=b"x" * 50_000, quality=90
+    )
+    verified = verify_image(str(path), 10**8, resize_max_side=64)
+    assert verified.ok and (verified.width, verified.height) == (32, 64)  # upright: portrait
+    with Image.open(path) as small:
+        assert small.size == (32, 64)
+        assert small.info.get("icc_profile") == icc
+        assert "comment" not in small.info and not small.getexif().get(0x0112)
+    assert path.stat().st_size < 5_000
