@@ -90,6 +90,15 @@ def _bib(key: str, title: str, doi: str | None, year: int, note: str) -> str:
     return f"@misc{{{re.sub(r'[^A-Za-z0-9_:-]', '_', key)},\n" + ",\n".join(fields) + "\n}\n"
 
 
+MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+          "November", "December")  # fmt: skip
+
+
+def _gbif_date(day: dt.date) -> str:
+    """GBIF's citation style, "30 November 2026", whatever the machine's locale."""
+    return f"{day.day} {MONTHS[day.month - 1]} {day.year}"
+
+
 def write_citation(
     home: Path,
     name: str,
@@ -117,13 +126,14 @@ def write_citation(
         if derived_answer:
             doi = derived_answer.get("doi")
             citation_text = (
-                derived_answer.get("citation") or f"Derived dataset GBIF.org ({today}) https://doi.org/{doi}"
+                derived_answer.get("citation")
+                or f"Derived dataset GBIF.org ({_gbif_date(today)}) https://doi.org/{doi}"
             )
             (reports / "derived_dataset.json").write_text(json.dumps(derived_answer, indent=2), encoding="utf-8")
             files.append("derived_dataset.json")
         else:
             citation_text = (
-                f"GBIF.org ({today.isoformat()}) GBIF Occurrence Data, {name} (derived dataset not yet registered)"
+                f"GBIF.org ({_gbif_date(today)}) GBIF Occurrence Data, {name} (derived dataset not yet registered)"
             )
             warnings.append(
                 "search mode: register the derived dataset "
@@ -131,7 +141,7 @@ def write_citation(
                 "to get a DOI; the request is in reports/derived_dataset_request.json"
             )
     title = f"{name}: image training set from GBIF occurrence media"
-    fallback = f"GBIF.org ({today.isoformat()}) GBIF Occurrence Download" + (f" https://doi.org/{doi}" if doi else "")
+    fallback = f"GBIF.org ({_gbif_date(today)}) GBIF Occurrence Download" + (f" https://doi.org/{doi}" if doi else "")
     text = " ".join((citation_text or fallback).split())
     (reports / "CITATION.cff").write_text(_cff(title, doi, text, today.isoformat()), encoding="utf-8")
     (reports / "citation.bib").write_text(_bib(f"gbif_{name}", title, doi, today.year, text), encoding="utf-8")

@@ -91,6 +91,8 @@ def test_search_mode_registered_and_unregistered(merged: Path) -> None:
     pending = write_citation(merged, "plants", "search", None, None, derived_request=body)
     assert pending.doi is None and pending.related_datasets == 2
     assert "register the derived dataset" in pending.warnings[0]
+    # GBIF's own date style, as in every other citation it gives ("30 November 2026")
+    assert re.search(r"> GBIF\.org \(\d{1,2} [A-Z][a-z]+ \d{4}\) GBIF Occurrence Data, plants", pending.citation_md)
     assert json.loads((merged / "reports" / "derived_dataset_request.json").read_text()) == body
     _check_cff(merged / "reports" / "CITATION.cff")
     done = write_citation(merged, "plants", "search", None, None, derived_request=body, derived_answer=DERIVED_ANSWER)
