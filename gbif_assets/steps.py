@@ -400,6 +400,7 @@ def fetch_config(recipe: Recipe, settings: Settings):
         image_cache_base=f"{settings.api_url}/image/cache",
         allow_private_hosts=settings.allow_private_hosts,
         processes=settings.fetch_processes,
+        formats=tuple(recipe.filters.formats),
     )
 
 

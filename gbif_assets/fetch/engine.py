@@ -130,6 +130,7 @@ class FetchConfig:
     decode_check: bool = True
     processes: int = 1  # event loops, one per process (shards owning disjoint hosts); see run()
     shard_min_candidates: int = 2_000  # below this, starting shard processes costs more than it saves
+    formats: tuple[str, ...] | None = None  # image MIME types kept (filters.formats); None: every one verify knows
 
 
 @dataclass(frozen=True)
@@ -1025,7 +1026,9 @@ class FetchEngine:
             raise _Failure("too_many_redirects", detail=f"more than {MAX_REDIRECTS} redirects from {url[:200]}")
         try:  # verification runs after the connection slot is released
             verified = (
-                settle_streamed(streamed, self.config.max_pixels, self.config.decode_check) if streamed.ends else None
+                settle_streamed(streamed, self.config.max_pixels, self.config.decode_check, self.config.formats)
+                if streamed.ends
+                else None
             )
             if verified is None:
                 verified = await self._pool.verify(
@@ -1034,6 +1037,7 @@ class FetchEngine:
                     self.config.resize_max_side,
                     self.config.decode_check,
                     streamed.digest.hexdigest(),
+                    self.config.formats,
                 )
             if not verified.ok:
                 raise _Failure(verified.error or "decode_error", status, verified.detail)

@@ -368,14 +368,17 @@ def _plan(
         dest = home / "images" / row["split"] / folder
         found = on_disk.get(row["url_sha1"])
         record = previous.get(row["url_sha1"])
-        if found is not None and found.stat().st_size > config.max_bytes:  # max_bytes lowered since
+        if found is not None and _no_longer_allowed(found, record, config):
             found.unlink()
             continue
         if found is not None and found.parent != dest:  # the split changed: move the file, do not fetch it again
             found, record = _move(found, dest, home, record, row["split"])
         if found is not None and committed[row["stream"]] < row["stream_target"]:
             if _needs_check(record, found, home, config.resize_max_side):
-                verified = verify_image(str(found), config.max_pixels, config.resize_max_side)
+                verified = verify_image(str(found), config.max_pixels, config.resize_max_side, formats=config.formats)
+                if verified.error == "unwanted_format":
+                    found.unlink()
+                    continue
                 if not verified.ok or _changed_in_place(record, found, home, verified.sha256, config.resize_max_side):
                     found.unlink()  # broken, or other bytes than the ones fetched: fetch it again
                     found = None
@@ -476,6 +479,15 @@ def _elsewhere_in_manifest(manifest: Path, sha1s: list[str]) -> set[str]:
     finally:
         con.close()
     return {r[0] for r in rows}
+
+
+def _no_longer_allowed(found: Path, record: dict[str, Any] | None, config: FetchConfig) -> bool:
+    """A kept file that the settings now refuse: max_bytes lowered, or its format left
+    filters.formats (a resized copy's format is the resize's, so it is judged when fetched)."""
+    if found.stat().st_size > config.max_bytes:
+        return True
+    mime = record.get("mime") if record else None
+    return bool(config.formats and mime and not config.resize_max_side and mime not in config.formats)
 
 
 def _needs_check(record: dict[str, Any] | None, found: Path, home: Path, side: int | None) -> bool:

@@ -37,6 +37,7 @@ TAIL_BYTES = 1024  # the end marker sits in the last bytes of a whole file
 MAX_SCANS = 500  # scans per JPEG at most, as libjpeg-turbo's own fuzzers limit them (photos have ~10)
 BODY_BYTES = 1 << 21  # bodies up to this size are kept in memory for the JPEG checks; larger ones are read from disk
 Image.MAX_IMAGE_PIXELS = None  # max_pixels is enforced here, from the header, per call
+Formats = tuple[str, ...] | None  # the MIME types a recipe keeps (filters.formats); None: every one above
 
 
 def die_with_parent() -> None:
@@ -128,11 +129,17 @@ class Streamed:
         return self.chunks[0] if self.chunks else b""
 
 
-def _refusal(fmt: str, width: int, height: int, max_pixels: int, mode: str | None = None) -> Verified | None:
-    """Why a header alone rules the file out (format, pixel count, a colour mode Pillow cannot
-    convert to RGB and L), or None."""
+def _refusal(
+    fmt: str, width: int, height: int, max_pixels: int, mode: str | None = None, formats: Formats = None
+) -> Verified | None:
+    """Why a header alone rules the file out (format, one the recipe's `formats` leaves out,
+    pixel count, a colour mode Pillow cannot convert to RGB and L), or None."""
     if fmt not in PIL_FORMATS:
         return Verified(False, "not_image", f"unsupported image format {fmt or 'unknown'}")
+    if formats and PIL_FORMATS[fmt][0] not in formats:
+        return Verified(
+            False, "unwanted_format", f"{PIL_FORMATS[fmt][0]} is not in filters.formats ({', '.join(formats)})"
+        )
     if width * height > max_pixels:
         return Verified(False, "too_large", f"{width}x{height} pixels exceeds {max_pixels:,} (decompression bomb?)")
     if mode is not None and not _converts(mode):
@@ -363,7 +370,9 @@ def jpeg_decodes_cleanly(data: bytes) -> bool:
     return False
 
 
-def settle_streamed(streamed: Streamed, max_pixels: int, decode: bool = False) -> Verified | None:
+def settle_streamed(
+    streamed: Streamed, max_pixels: int, decode: bool = False, formats: Formats = None
+) -> Verified | None:
     """The verdict from the streamed bytes, or None when the file must be opened by
     `verify_image`: a header past the first HEAD_BYTES, an end marker missing (decode it to tell a
     truncated file from one with data appended), anything the header parse tripped on, a
@@ -382,7 +391,7 @@ def settle_streamed(streamed: Streamed, max_pixels: int, decode: bool = False) -
         refusal = _refusal(fmt, width, height, max_pixels, mode)
         if refusal is not None:
             return refusal
-    refusal = _refusal(fmt, width, height, max_pixels)
+    refusal = _refusal(fmt, width, height, max_pixels, formats=formats)
     if refusal is not None:
         return refusal
     if decode:
@@ -425,7 +434,12 @@ def _too_many_scans(jpeg: bytes) -> Verified | None:
 
 
 def verify_image(
-    path: str, max_pixels: int, resize_max_side: int | None = None, decode: bool = True, sha256: str | None = None
+    path: str,
+    max_pixels: int,
+    resize_max_side: int | None = None,
+    decode: bool = True,
+    sha256: str | None = None,
+    formats: Formats = None,
 ) -> Verified:
     """Check, optionally resize in place, and hash the file at `path` (`sha256`: its known hash).
 
@@ -439,7 +453,7 @@ def verify_image(
             width, height = img.size
             fmt = img.format or ""
             jpeg = Path(path).read_bytes() if fmt == "JPEG" else None
-            refusal = _refusal(fmt, width, height, max_pixels, img.mode)
+            refusal = _refusal(fmt, width, height, max_pixels, img.mode, formats)
             if refusal is None and jpeg is not None:
                 refusal = _too_many_scans(jpeg)
             if refusal is not None:

@@ -58,7 +58,7 @@ class VerifyPool:
         self._closing = False
 
     async def verify(self, path: str, max_pixels: int, resize_max_side: int | None, decode: bool,
-                     sha256: str | None) -> Verified:  # fmt: skip
+                     sha256: str | None, formats: tuple[str, ...] | None = None) -> Verified:  # fmt: skip
         """The verdict on the file at `path` (see `verify_image`)."""
         for _ in range(TRIES):
             while not self._workers:  # started on first use: a run without decoding never pays for them
@@ -71,7 +71,8 @@ class VerifyPool:
             number = next(self._numbers)
             future: asyncio.Future[Verified | None] = asyncio.get_running_loop().create_future()
             worker.pending[number] = future
-            worker.requests.add((number, (path, max_pixels, resize_max_side, decode, sha256), self._check_cpu_s))
+            args = (path, max_pixels, resize_max_side, decode, sha256, formats)
+            worker.requests.add((number, args, self._check_cpu_s))
             if (verdict := await future) is not None:
                 return verdict
         return Verified(False, "decode_error", f"checking this file stopped its worker process {TRIES} times "

@@ -710,3 +710,30 @@ def test_breaker_waits_longer_for_a_host_that_has_worked() -> None:
     assert not breaker.is_open("new")
     breaker.record("new", "connect", proven=False)
     assert breaker.is_open("new")
+
+
+def test_an_image_of_a_format_the_recipe_leaves_out_is_refused_and_replaced(hosts: ImageHosts, tmp_path: Path) -> None:
+    """`filters.formats: [image/jpeg]` and a publisher serving PNG under a JPEG record: the PNG is
+    refused (`unwanted_format`, not kept, not retried), the next reserve takes its place, and a
+    refresh that narrows the formats removes the files of the format it dropped."""
+    home = tmp_path / "home"
+    manifest = tmp_path / "manifest.parquet"
+    _manifest(manifest, hosts.base_urls["ok"], 12, png_every=3)  # 4 PNGs among 12
+    table = pq.read_table(manifest).to_pylist()
+    for row in table:
+        row["stream_target"], row["selected"] = 6, row["rank"] <= 6
+    pq.write_table(pa.Table.from_pylist(table), manifest)
+    result = download_label(manifest, "L1", home, _config(formats=("image/jpeg",)))
+    kept = sorted(p.suffix for p in home.glob("images/*/L1/*.*"))
+    assert result.kept == 6 and kept == [".jpg"] * 6
+    log = pq.read_table(home / "metadata" / "downloads" / "L1.parquet").to_pylist()
+    refused = [r for r in log if r["error"] == "unwanted_format"]
+    assert refused and all(r["url"].endswith(".png") and r["attempt"] == 1 for r in refused)
+    assert "image/png is not in filters.formats" in refused[0]["detail"]
+    assert not list(home.glob("images/*/L1/.*"))
+
+    both = download_label(manifest, "L1", tmp_path / "home2", _config(formats=("image/jpeg", "image/png")))
+    assert both.kept == 6 and {p.suffix for p in (tmp_path / "home2").glob("images/*/L1/*.*")} == {".jpg", ".png"}
+    narrowed = download_label(manifest, "L1", tmp_path / "home2", _config(formats=("image/jpeg",)))
+    assert narrowed.kept == 6
+    assert sorted(p.suffix for p in (tmp_path / "home2").glob("images/*/L1/*.*")) == [".jpg"] * 6

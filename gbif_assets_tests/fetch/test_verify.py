@@ -444,3 +444,14 @@ def test_a_resized_copy_is_upright_keeps_its_colour_profile_and_drops_the_rest(t
         assert small.info.get("icc_profile") == icc
         assert "comment" not in small.info and not small.getexif().get(0x0112)
     assert path.stat().st_size < 5_000
+
+
+def test_formats_refuse_other_image_formats_from_the_header(tmp_path: Path) -> None:
+    path = tmp_path / "a.png"
+    path.write_bytes(_png())
+    refused = verify_image(str(path), MAX_PIXELS, formats=("image/jpeg",))
+    assert not refused.ok and refused.error == "unwanted_format"
+    assert verify_image(str(path), MAX_PIXELS, formats=("image/jpeg", "image/png")).ok
+    jpeg = image_bytes("http://example.org/a.jpg")
+    settled = settle_streamed(_streamed(jpeg), MAX_PIXELS, formats=("image/png",))
+    assert settled is not None and settled.error == "unwanted_format"

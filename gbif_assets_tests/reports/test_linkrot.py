@@ -107,3 +107,20 @@ def test_links_no_longer_in_the_manifest_are_history_not_rot(home: Path) -> None
     report = link_rot_report(home)
     assert (report.links_tried, report.invalid) == (12, 2)
     assert all(r["label"] for r in report.per_label) and all(r["host"] for r in report.per_host)
+
+
+def test_a_link_that_served_an_image_of_an_unwanted_format_is_valid(home: Path) -> None:
+    """The publisher served a PNG where the recipe keeps JPEG only: the link works, it is not rot."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    log = home / "metadata" / "downloads" / "1001.parquet"
+    rows = pq.read_table(log).to_pylist()
+    png = [{**rows[0], "url": f"https://img.a.example/png/{i}.png", "error": "unwanted_format"} for i in range(3)]
+    pq.write_table(pa.Table.from_pylist(rows + png), log)
+    manifest = home / "metadata" / "manifest.parquet"
+    candidates = pq.read_table(manifest).to_pylist()
+    more = [{**candidates[0], "identifier": f"https://img.a.example/png/{i}.png"} for i in range(3)]
+    pq.write_table(pa.Table.from_pylist(candidates + more), manifest)
+    report = link_rot_report(home)
+    assert (report.links_tried, report.valid, report.invalid) == (15, 12, 2)
