@@ -29,13 +29,36 @@ class BlockedAddress(OSError):
     """A host that resolves only to loopback, private, link-local or multicast addresses."""
 
 
+# not public, though Python's `ipaddress` calls them neither private nor reserved (3.11): carrier-grade
+# NAT space (cloud metadata endpoints live there, e.g. 100.100.100.200) and IETF protocol assignments
+NOT_PUBLIC = (ipaddress.ip_network("100.64.0.0/10"), ipaddress.ip_network("192.0.0.0/24"))
+NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def _embedded_ipv4(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 one carries (IPv4-mapped, 6to4, NAT64), which is where it leads."""
+    if isinstance(ip, ipaddress.IPv4Address):
+        return None
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if ip in NAT64:
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
+
+
 def address_allowed(address: str, allow_private: bool) -> bool:
-    """Public unicast addresses only, unless private hosts are explicitly allowed."""
+    """Public unicast addresses only, unless private hosts are explicitly allowed; an IPv6
+    address that carries an IPv4 one is judged by that one too."""
     ip = ipaddress.ip_address(address.split("%")[0])
     if allow_private:
         return not ip.is_multicast and not ip.is_unspecified
-    return not (
-        ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_reserved or ip.is_unspecified
+    embedded = _embedded_ipv4(ip)
+    if embedded is not None and not address_allowed(str(embedded), allow_private):
+        return False
+    return (
+        ip.is_global and not ip.is_multicast and not any(ip in net for net in NOT_PUBLIC if ip.version == net.version)
     )
 
 

@@ -25,6 +25,7 @@ from PIL import Image
 from gbif_assets.emulator.imagehosts import ImageHosts, image_bytes
 from gbif_assets.fetch import Candidate, FetchConfig, FetchEngine, download_label
 from gbif_assets.fetch.partition import LabelBusy, label_dir, label_lock
+from gbif_assets.fetch.safety import address_allowed, host_literal_allowed
 
 
 def _cand(url: str, dest: Path, stream: str = "s", rank: int = 1, gbif_id: str = "1") -> Candidate:
@@ -109,6 +110,31 @@ def test_a_retry_after_no_parser_reads_is_a_plain_429(hosts: ImageHosts, tmp_pat
     engine = _run(_config(retries=2), {"s": (cands, 4)})
     assert sum(o.ok for o in engine.outcomes) == 4
     assert any(a["error"] == "http_429" for a in engine.attempts)
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "100.100.100.200",  # carrier-grade NAT space: a cloud metadata endpoint
+        "100.64.0.1",
+        "192.0.0.192",  # IETF protocol assignments
+        "2002:a9fe:a9fe::",  # 6to4 wrapping 169.254.169.254
+        "2002:7f00:1::",  # 6to4 wrapping 127.0.0.1
+        "64:ff9b::a9fe:a9fe",  # NAT64 wrapping 169.254.169.254
+        "::ffff:10.0.0.1",  # IPv4-mapped
+        "169.254.169.254",
+        "fd00::1",
+    ],
+)
+def test_addresses_that_are_not_public_are_refused(address: str) -> None:
+    """Judged without a packet sent: the guard's verdict on what DNS or a redirect may name."""
+    assert not address_allowed(address, allow_private=False)
+    assert not host_literal_allowed(f"[{address}]" if ":" in address else address, allow_private=False)
+
+
+@pytest.mark.parametrize("address", ["8.8.8.8", "151.101.1.1", "2606:4700::1111", "2002:808:808::"])
+def test_public_addresses_pass_the_guard(address: str) -> None:
+    assert address_allowed(address, allow_private=False)
 
 
 @pytest.mark.parametrize("by_name", [False, True], ids=["ip-literal", "hostname-resolving-to-loopback"])
