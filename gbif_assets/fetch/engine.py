@@ -131,6 +131,9 @@ class FetchConfig:
     processes: int = 1  # event loops, one per process (shards owning disjoint hosts); see run()
     shard_min_candidates: int = 2_000  # below this, starting shard processes costs more than it saves
     formats: tuple[str, ...] | None = None  # image MIME types kept (filters.formats); None: every one verify knows
+    # host -> (until, as time.time(); why; paused): hosts skipped from the start, as other labels'
+    # runs found them dead or asked to pause (see partition.closed_hosts)
+    closed_hosts: dict[str, tuple[float, str, bool]] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -220,11 +223,21 @@ class _Breaker:
             return False
         return True
 
-    def hold(self, host: str, seconds: float, why: str) -> None:
-        """Keep the host closed for `seconds` (it asked for a long pause, or refuses everything)."""
+    def hold(self, host: str, seconds: float, why: str, paused: bool = True) -> None:
+        """Keep the host closed for `seconds`: it asked for a long pause or refuses everything
+        (`paused`: its links are not judged), or another label's run found it dead."""
         self.open_until[host] = max(self.open_until.get(host, 0.0), time.monotonic() + seconds)
         self.why[host] = why
-        self.held.add(host)
+        if paused:
+            self.held.add(host)
+
+    def state(self, host: str) -> dict[str, Any] | None:
+        """The host's closing as wall-clock times, for the labels fetched after this one
+        (`closed_hosts`), or None when it is open."""
+        left = self.open_until.get(host, 0.0) - time.monotonic()
+        if left <= 0:
+            return None
+        return {"paused": host in self.held, "until": time.time() + left, "why": self.why.get(host, "")}
 
     def record(self, host: str, error: str | None, proven: bool = True) -> None:
         if error in BREAKER_ERRORS:
@@ -634,6 +647,9 @@ class FetchEngine:
         self.outcomes: list[Outcome] = []
         self.failures: collections.Counter[str] = collections.Counter()
         self._breaker = _Breaker(config.breaker_failures, config.breaker_open_s)
+        for host, (until, why, paused) in config.closed_hosts.items():  # found dead or pausing in other labels
+            if (left := until - time.time()) > 0:
+                self._breaker.hold(host, left, why, paused)
         self._hosts: dict[str, _HostLimit] = {}
         self._remote_hosts: dict[str, dict[str, Any]] = {}  # what shard processes learnt of their hosts
         self._literal_ok: dict[str, bool] = {}  # host -> an IP literal we may connect to (or a name)
@@ -678,6 +694,7 @@ class FetchEngine:
                 "cuts": h.cuts,
                 "rate": None if h.rate is None else round(h.rate, 2),
                 "shard": 0,
+                "closed": self._breaker.state(host),
             }
             for host, h in self._hosts.items()
         } | self._remote_hosts

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import fcntl
 import hashlib
+import json
 import os
 import re
 import time
@@ -32,6 +34,7 @@ from gbif_assets.fetch.verify import verify_image
 MTIME_SLACK_S = 2.0  # a kept file modified later than this after its fetch is checked again
 # failures that say the link itself is no good, not that its host was busy or down at the time, nor
 # that this client's settings refused it (blocked, too_large: a changed setting may let it through)
+HOST_MEMORY_S = 600.0  # how long a host one label found dead is skipped by the labels after it
 FINAL_ERRORS = {"not_image", "decode_error", "too_many_redirects", "http_3xx", "duplicate"}
 KEPT_SCHEMA = pa.schema(
     [
@@ -267,6 +270,7 @@ def _download_label(
     kept_path = home / "metadata" / "partitions" / f"{folder}.parquet"
     log_path = home / "metadata" / "downloads" / f"{folder}.parquet"
     log = _AttemptLog(log_path)
+    config = dataclasses.replace(config, closed_hosts=config.closed_hosts | closed_hosts(home))
     engine = FetchEngine(config, progress, on_attempts=log.flush)
     # a large label's shard processes start now: their start-up overlaps the planning
     with engine.shards_started_early(len(rows)):
@@ -299,6 +303,7 @@ def _download_label(
                     outcome.fetched_at,
                 )
             )
+    _remember_hosts(home, folder, engine.host_report())
     gone, surplus = _reconcile(home, folder, rows, kept, previous, vanished, manifest_parquet)
     log.fold(engine.attempts[log.written :] + _not_logged(log_path, recovered))
     _write_parquet(pa.Table.from_pylist(kept, schema=KEPT_SCHEMA), kept_path)
@@ -479,6 +484,46 @@ def _elsewhere_in_manifest(manifest: Path, sha1s: list[str]) -> set[str]:
     finally:
         con.close()
     return {r[0] for r in rows}
+
+
+def closed_hosts(home: Path) -> dict[str, tuple[float, str, bool]]:
+    """Hosts the labels fetched lately found dead (closed for HOST_MEMORY_S after) or asked to be
+    left alone (until the time they gave), unless a later run saw them answer: a museum server
+    that is down costs its timeouts once per HOST_MEMORY_S, not once per label. Read from every
+    label's metadata/hosts/<label>.json; each partition run writes only its own."""
+    latest: dict[str, dict[str, Any]] = {}
+    for path in (home / "metadata" / "hosts").glob("*.json"):
+        try:
+            seen = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # being replaced, or damaged: that label's knowledge is lost
+            continue
+        for host, state in seen.items() if isinstance(seen, dict) else ():
+            if isinstance(state, dict) and state.get("at", 0) > latest.get(host, {}).get("at", 0):
+                latest[host] = state
+    now, out = time.time(), {}
+    for host, state in latest.items():
+        closed = state.get("closed")
+        if not closed:
+            continue
+        until = closed["until"] if closed["paused"] else max(closed["until"], state["at"] + HOST_MEMORY_S)
+        if until > now:
+            when = dt.datetime.fromtimestamp(state["at"], dt.UTC).strftime("%H:%M:%S UTC")
+            out[host] = (until, f"closed in an earlier label's run at {when}: {closed['why']}", closed["paused"])
+    return out
+
+
+def _remember_hosts(home: Path, folder: str, report: dict[str, dict[str, Any]]) -> None:
+    """This label's word on each host it asked: closed (dead, or pausing) or answering."""
+    seen = {
+        host: {"at": time.time(), "closed": r.get("closed")}
+        for host, r in report.items()
+        if r.get("closed") or r.get("answers")
+    }
+    path = home / "metadata" / "hosts" / f"{folder}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(seen, indent=1), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def _no_longer_allowed(found: Path, record: dict[str, Any] | None, config: FetchConfig) -> bool:

@@ -6,6 +6,7 @@ import asyncio
 import collections
 import datetime as dt
 import hashlib
+import json
 import os
 import signal
 import ssl
@@ -763,3 +764,36 @@ def test_an_image_of_a_format_the_recipe_leaves_out_is_refused_and_replaced(host
     narrowed = download_label(manifest, "L1", tmp_path / "home2", _config(formats=("image/jpeg",)))
     assert narrowed.kept == 6
     assert sorted(p.suffix for p in (tmp_path / "home2").glob("images/*/L1/*.*")) == [".jpg"] * 6
+
+
+def test_a_host_one_label_found_dead_is_skipped_by_the_next_labels(hosts: ImageHosts, tmp_path: Path) -> None:
+    """A server that accepts and never answers costs its timeouts in the first label only: the
+    labels fetched after it (within partition.HOST_MEMORY_S) skip it from the start, and their
+    reserves on live hosts take its places."""
+    home = tmp_path / "home"
+    rows = []
+    for label in ("L1", "L2", "L3"):
+        urls = [f"{hosts.base_urls['hang']}/{label}/{i}.jpg" for i in range(3)]
+        urls += [f"{hosts.base_urls['ok']}/memory/{label}/{i}.jpg" for i in range(3)]
+        for rank, url in enumerate(urls, start=1):
+            rows.append({"label": label, "identifier": url, "url_sha1": hashlib.sha1(url.encode()).hexdigest(),
+                         "gbifID": str(len(rows)), "stream": "s", "rank": rank, "selected": rank <= 3,
+                         "split": "train", "stream_target": 3})  # fmt: skip
+    manifest = tmp_path / "manifest.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), manifest)
+    config = _config(timeout_s=1, retries=1)
+    first = download_label(manifest, "L1", home, config)
+    assert first.kept == 3 and first.failures.get("timeout", 0) >= 1
+    asked = hosts.stats["hang"].requests
+    started = time.monotonic()
+    for label in ("L2", "L3"):
+        result = download_label(manifest, label, home, config)
+        assert result.kept == 3 and "timeout" not in result.failures
+        log = pq.read_table(home / "metadata" / "downloads" / f"{label}.parquet").to_pylist()
+        skipped = [r for r in log if "/L" in r["url"] and r["host"] == "127.0.0.20"]
+        assert skipped and {r["error"] for r in skipped} == {"circuit_open"}
+        assert "closed in an earlier label's run" in skipped[0]["detail"]
+    assert hosts.stats["hang"].requests == asked  # not asked again
+    assert time.monotonic() - started < 1.5  # no timeout waited
+    memory = json.loads((home / "metadata" / "hosts" / "L1.json").read_text())
+    assert memory["127.0.0.20"]["closed"]["paused"] is False
