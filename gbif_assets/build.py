@@ -122,6 +122,16 @@ def _resolve_selection(select: str | None, defs: dg.Definitions, recipe: Recipe)
     return keys
 
 
+def check_problems(evaluation: dg.AssetCheckEvaluation, shown: int = 3) -> str:
+    """The first problems a failed check lists, and how many more it found (9 labels short of
+    their quota must not read as 3)."""
+    examples = evaluation.metadata.get("examples")
+    listed = list(examples.value) if examples is not None and examples.value else []
+    problems = evaluation.metadata.get("problems")
+    total = int(problems.value) if problems is not None else len(listed)
+    return "; ".join(map(str, listed[:shown])) + (f"; and {total - shown} more" if total > shown else "")
+
+
 class _Runner:
     """Runs selected assets through Dagster and remembers every failure for the summary."""
 
@@ -201,8 +211,7 @@ class _Runner:
             if evaluation.passed:
                 continue
             name = f"{evaluation.asset_key.to_user_string()}:{evaluation.check_name}"
-            examples = evaluation.metadata.get("examples")
-            why = "; ".join(map(str, examples.value[:3])) if examples is not None and examples.value else ""
+            why = check_problems(evaluation)
             if evaluation.severity == dg.AssetCheckSeverity.ERROR:
                 self.failures.append(f"check {name} failed" + (f": {why}" if why else ""))
                 self.console.print(f"[red]CHECK FAILED[/red] {name}")

@@ -12,12 +12,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import dagster as dg
 import duckdb
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from gbif_assets.build import BuildOptions, run_build
+from gbif_assets.build import BuildOptions, check_problems, run_build
 from gbif_assets.recipe import load_recipe
 from gbif_assets_tests.conftest import ROOT, copy_recipe
 
@@ -376,3 +377,20 @@ def test_a_rebuilt_citation_keeps_its_derived_dataset_doi(gbif_env: Path, emulat
     related = emulator.state.derived[-1]["request"]["relatedDatasets"]
     rows = pq.read_table(gbif_env / "data" / "cited" / "metadata" / "images.parquet").to_pylist()
     assert sum(related.values()) == len({r["gbifID"] for r in rows})  # records, not images
+
+
+def test_a_check_summary_says_how_many_problems_it_leaves_out() -> None:
+    short = [f"label {n}: 6 images < 7" for n in range(9)]
+
+    def failed(problems: list[str]) -> dg.AssetCheckEvaluation:
+        return dg.AssetCheckEvaluation(
+            asset_key=dg.AssetKey(["d", "image_metadata"]),
+            check_name="quota_met_per_label",
+            passed=False,
+            metadata={"problems": len(problems), "examples": dg.MetadataValue.json(problems)},
+        )
+
+    assert check_problems(failed(short)) == (
+        "label 0: 6 images < 7; label 1: 6 images < 7; label 2: 6 images < 7; and 6 more"
+    )
+    assert check_problems(failed(short[:2])) == "label 0: 6 images < 7; label 1: 6 images < 7"
