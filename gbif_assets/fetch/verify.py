@@ -28,6 +28,8 @@ from typing import Any
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from gbif_assets.fetch.safety import sniff
+
 PIL_FORMATS = {"JPEG": ("image/jpeg", "jpg"), "PNG": ("image/png", "png"), "GIF": ("image/gif", "gif"),
                "WEBP": ("image/webp", "webp"), "TIFF": ("image/tiff", "tif")}  # fmt: skip
 OPEN_FORMATS = tuple(PIL_FORMATS)  # Pillow tries only these decoders
@@ -482,10 +484,14 @@ def verify_image(
                 sha256 = None  # the stored bytes changed
     except Image.DecompressionBombError as exc:
         return Verified(False, "too_large", str(exc))
-    except UnidentifiedImageError as exc:
-        return Verified(False, "not_image", str(exc)[:300])
-    except (OSError, SyntaxError, ValueError) as exc:
-        return Verified(False, "decode_error", f"{type(exc).__name__}: {exc}"[:300])
+    except UnidentifiedImageError:
+        with open(path, "rb") as handle:
+            kind = sniff(handle.read(16))
+        if kind is not None:  # it starts as an image: a damaged one, not another kind of file
+            return Verified(False, "decode_error", f"a damaged {kind[0]}: no image reader accepts its header")
+        return Verified(False, "not_image", "not an image format this client keeps")
+    except (OSError, SyntaxError, ValueError) as exc:  # the message names the file: a temporary path, so left out
+        return Verified(False, "decode_error", f"{type(exc).__name__}: {str(exc).replace(path, 'the file')}"[:300])
     if sha256 is None:
         digest = hashlib.sha256()
         with open(path, "rb") as handle:

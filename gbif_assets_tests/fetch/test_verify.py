@@ -455,3 +455,24 @@ def test_formats_refuse_other_image_formats_from_the_header(tmp_path: Path) -> N
     jpeg = image_bytes("http://example.org/a.jpg")
     settled = settle_streamed(_streamed(jpeg), MAX_PIXELS, formats=("image/png",))
     assert settled is not None and settled.error == "unwanted_format"
+
+
+@pytest.mark.parametrize(
+    ("data", "error"),
+    [
+        (b"GIF89a\x28\x00", "decode_error"),  # a GIF cut inside its header
+        (b"\xff\xd8\xff\xe0" + b"\x00" * 40, "decode_error"),  # a JPEG whose header is broken
+        (b"II*\x00" + b"\x01" * 20, "decode_error"),  # a broken TIFF
+        (b"<html><body>gone</body></html>", "not_image"),
+    ],
+)
+def test_a_damaged_image_is_a_decode_error_and_no_detail_names_the_temporary_file(
+    tmp_path: Path, data: bytes, error: str
+) -> None:
+    """What starts as an image but no reader accepts is a damaged image, not another kind of
+    file; the attempt log's detail never shows the engine's temporary path."""
+    path = tmp_path / ".0123abcd.5678.part"
+    path.write_bytes(data)
+    verified = verify_image(str(path), MAX_PIXELS)
+    assert not verified.ok and verified.error == error
+    assert verified.detail and ".part" not in verified.detail and str(tmp_path) not in verified.detail
