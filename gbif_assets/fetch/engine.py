@@ -317,16 +317,15 @@ class _HostLimit:
         wait = self.wait_s(now)
         return wait is not None and not self.waiting and wait <= min(PACE_LOOKAHEAD_S, 1.0 / (self.rate or math.inf))
 
-    async def acquire(self) -> int:
-        """Wait for a free slot, the end of any Retry-After pause and the pace; returns a ticket."""
+    async def acquire(self, closed: Callable[[], bool]) -> int:
+        """Wait for a free slot, the end of any Retry-After pause and the pace, or for the host to
+        be `closed` (the caller then fails at once, not after the pause); returns a ticket."""
         self.waiting += 1
         try:
-            while (wait := self.wait_s(time.monotonic())) != 0.0:
-                if wait is None:
-                    self._freed.clear()
-                    await self._freed.wait()
-                else:
-                    await asyncio.sleep(wait)
+            while (wait := self.wait_s(time.monotonic())) != 0.0 and not closed():
+                self._freed.clear()
+                with contextlib.suppress(TimeoutError):  # a slot freed, the host closed, or the wait is over
+                    await asyncio.wait_for(self._freed.wait(), timeout=wait)
         finally:
             self.waiting -= 1
         self.active += 1
@@ -338,6 +337,10 @@ class _HostLimit:
 
     def release(self) -> None:
         self.active -= 1
+        self._freed.set()
+
+    def wake(self) -> None:
+        """Let the requests waiting for this host look again (its breaker has just closed it)."""
         self._freed.set()
 
     def failed_unanswered(self) -> None:
@@ -699,6 +702,11 @@ class FetchEngine:
             for host, h in self._hosts.items()
         } | self._remote_hosts
 
+    def _hold(self, host: str, seconds: float, why: str) -> None:
+        """Close the host for `seconds`; requests waiting for its pause give up now."""
+        self._breaker.hold(host, seconds, why)
+        self._host(host).wake()
+
     def _notify(self) -> None:
         """Wake workers waiting for a host slot, a pause to end or a stream to change."""
         if self._idle:  # called a few times per image: no event churn while every worker is busy
@@ -901,6 +909,8 @@ class FetchEngine:
                 last = failure
                 failed = failure.host or host  # a dead redirect target does not close the link's own host
                 self._breaker.record(failed, failure.error, proven=self._host(failed).answers > 0)
+                if self._breaker.is_open(failed):  # requests waiting for its pause give up now
+                    self._host(failed).wake()
                 if failure.error in BREAKER_ERRORS:
                     self._host(failed).failed_unanswered()
                 self._log(
@@ -925,9 +935,9 @@ class FetchEngine:
                 refused = self._host(failed).refused_in_a_row if failure.error in ("http_429", "http_5xx") else 0
                 if refused >= REFUSED_ROUNDS_BEFORE_HOLD * self._host(failed).limit:  # limit: at most per_host
                     # a host that turns every request away is not pacing us: let reserves elsewhere take over
-                    self._breaker.hold(failed, self.config.breaker_open_s,
-                                       f"{refused} requests in a row refused ({failure.error}); skipped for "
-                                       f"{self.config.breaker_open_s:.0f} s")  # fmt: skip
+                    self._hold(failed, self.config.breaker_open_s,
+                               f"{refused} requests in a row refused ({failure.error}); skipped for "
+                               f"{self.config.breaker_open_s:.0f} s")  # fmt: skip
                     break
                 if failure.error not in RETRYABLE or give_up:
                     break
@@ -935,9 +945,7 @@ class FetchEngine:
                 if delay is not None and delay > self.config.backoff_max_s:
                     # a pause longer than a run waits: leave the host alone until then, and let
                     # reserves on other hosts take its candidates (a later run tries it again)
-                    self._breaker.hold(
-                        failed, delay, f"the host asked for a {delay:.0f} s pause (Retry-After); skipped"
-                    )
+                    self._hold(failed, delay, f"the host asked for a {delay:.0f} s pause (Retry-After); skipped")
                     break
                 if failure.error == "http_429" and delay is not None:
                     continue  # the whole host waits out Retry-After (see _HostLimit.acquire)
@@ -980,7 +988,8 @@ class FetchEngine:
                 )
             try:  # a failure at a redirect's target counts against that host (see _Failure.host)
                 limit = self._host(host)
-                ticket = await limit.acquire()  # host first: a busy host never holds global slots
+                # host first: a busy host never holds global slots
+                ticket = await limit.acquire(functools.partial(self._breaker.is_open, host))
                 try:
                     async with self._global:
                         if self._breaker.is_open(host):  # opened while this request waited for a slot

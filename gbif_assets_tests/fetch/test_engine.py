@@ -797,3 +797,25 @@ def test_a_host_one_label_found_dead_is_skipped_by_the_next_labels(hosts: ImageH
     assert time.monotonic() - started < 1.5  # no timeout waited
     memory = json.loads((home / "metadata" / "hosts" / "L1.json").read_text())
     assert memory["127.0.0.20"]["closed"]["paused"] is False
+
+
+def test_requests_waiting_out_a_pause_give_up_as_soon_as_the_host_is_closed() -> None:
+    """A request waiting out a host's 20 s Retry-After pause leaves as soon as the host is closed
+    (its breaker, or another request's verdict), instead of sleeping out a pause for a host the
+    run has given up on; the caller then fails it as host_paused or circuit_open."""
+    from gbif_assets.fetch.engine import _HostLimit
+
+    async def main() -> float:
+        limit = _HostLimit(ceiling=2, min_pause_s=0.5, max_pause_s=30)
+        limit.paused_until = time.monotonic() + 20
+        closed = False
+        waiting = asyncio.create_task(limit.acquire(lambda: closed))
+        await asyncio.sleep(0.2)
+        assert not waiting.done()
+        started = time.monotonic()
+        closed = True
+        limit.wake()
+        await asyncio.wait_for(waiting, timeout=5)
+        return time.monotonic() - started
+
+    assert asyncio.run(main()) < 0.5
