@@ -133,6 +133,8 @@ def build_dataset_assets(recipe: Recipe) -> list[dg.AssetsDefinition]:
                 f"{len(vanished)} label(s) no longer in the manifest, their partitions removed (image_metadata "
                 "drops their images): " + ", ".join(vanished[:20])
             )
+        for note in result.notes:
+            context.log.warning(note)
         context.log.info(f"manifest: {result.rows:,} candidates, {len(result.labels)} labels, {len(added)} new")
         metadata = to_metadata(result, home)
         metadata["partitions_added"] = dg.MetadataValue.json(added)

@@ -272,6 +272,7 @@ def build_manifest(
     ]
     empty = [s for s, t in targets.items() if t == 0]
     notes = [f"{len(empty)} stream(s) get no sample: {', '.join(sorted(empty)[:10])}"] if empty else []
+    notes += _shortfall_notes(b, sizes, targets) + _empty_split_notes(recipe, per_label)
     return ManifestResult(
         rows=remaining,
         selected=sum(r["selected"] for r in per_label),
@@ -434,3 +435,37 @@ def class_distribution_plot(per_label: list[dict[str, Any]], path: Path) -> Path
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def _shortfall_notes(balance: Any, sizes: dict[str, int], targets: dict[str, int]) -> list[str]:
+    """When the balance asks for more than the filters left: a set smaller and less even than
+    the recipe says should not pass unremarked."""
+    notes = []
+    got = sum(targets.values())
+    if balance.nb_samples not in (None, -1) and got < balance.nb_samples:
+        notes.append(
+            f"nb_samples {balance.nb_samples} asked for, {got} candidates pass the filters: all are selected, "
+            f"{min(targets.values())} to {max(targets.values())} per stream"
+        )
+    k = balance.nb_samples_per_stream
+    if k is not None and (short := sorted(s for s, n in sizes.items() if n < k)):
+        notes.append(
+            f"{len(short)} of {len(sizes)} stream(s) have fewer than nb_samples_per_stream {k} candidates "
+            f"(the smallest {min(sizes[s] for s in short)}): {', '.join(short[:10])}"
+        )
+    return notes
+
+
+def _empty_split_notes(recipe: Any, per_label: list[dict[str, Any]]) -> list[str]:
+    """Labels with no image in a split the recipe gives a share to (too few images for it)."""
+    notes = []
+    for split in ("train", "val", "test"):
+        if getattr(recipe.split, split) <= 0:
+            continue
+        missing = [str(r["label"]) for r in per_label if r["selected"] and not r[split]]
+        if missing:
+            notes.append(
+                f"{len(missing)} label(s) have no {split} image (too few selected for a "
+                f"{getattr(recipe.split, split):g} share): {', '.join(missing[:10])}"
+            )
+    return notes

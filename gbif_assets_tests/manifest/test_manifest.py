@@ -145,6 +145,25 @@ def test_balance_minus_one_gives_smallest_stream_times_streams(tmp_path: Path) -
     assert con.execute("SELECT bool_and((rank <= 12) = selected) FROM media_manifest").fetchone()[0]
 
 
+def test_a_balance_the_candidates_cannot_meet_is_noted(tmp_path: Path) -> None:
+    """nb_samples above what the filters left, streams below nb_samples_per_stream, and labels
+    too small for a split's share: the set is smaller and less even than the recipe says."""
+    con = duckdb.connect()
+    _table(con, _pool({("1", DATASET_A): 30, ("1", DATASET_B): 3, ("2", DATASET_A): 50, ("2", DATASET_B): 20}))
+    result = build_manifest(con, _recipe(balance__nb_samples=400), tmp_path / "m.parquet")
+    assert result.selected == 103
+    assert any(n.startswith("nb_samples 400 asked for, 103 candidates pass the filters") for n in result.notes)
+    assert "3 to 50 per stream" in " ".join(result.notes)
+    result = build_manifest(
+        con, _recipe(balance__nb_samples=None, balance__nb_samples_per_stream=25), tmp_path / "m.parquet"
+    )
+    assert any(n.startswith("2 of 4 stream(s) have fewer than nb_samples_per_stream 25") for n in result.notes)
+    small = build_manifest(
+        con, _recipe(balance__nb_samples=None, balance__nb_samples_per_stream=1), tmp_path / "m.parquet"
+    )
+    assert any("label(s) have no val image" in n for n in small.notes)
+
+
 def test_sample_is_seeded_random_not_first_n(tmp_path: Path) -> None:
     con = duckdb.connect()
     _table(con, _pool({("1", DATASET_A): 200}))
