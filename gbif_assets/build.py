@@ -237,6 +237,7 @@ class _Runner:
             if state in ("FAILED", "KILLED", "CANCELLED", "FILE_ERASED"):
                 hint = " (re-run to request a new download)" if state == "FILE_ERASED" else ""
                 self.failures.append(f"GBIF download {key} ended {state}{hint}")
+                self.gbif_failed = state != "FILE_ERASED"  # a GBIF error (exit 2); an erased file is asked for again
                 return False
             if time.monotonic() > deadline:
                 self.failures.append(f"GBIF download {key} still {state} after {self.options.wait_timeout_s:.0f} s")

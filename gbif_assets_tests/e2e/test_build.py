@@ -265,6 +265,22 @@ def test_an_existing_download_that_is_not_ready_says_what_to_do(
     assert said in out and "sensor" not in out, out[-2000:]
 
 
+@pytest.mark.parametrize(("state", "code"), [("KILLED", 2), ("FAILED", 2), ("FILE_ERASED", 1)])
+def test_a_download_that_ends_without_a_file_is_a_gbif_error(
+    gbif_env: Path, emulator, capsys: pytest.CaptureFixture[str], state: str, code: int
+) -> None:
+    """Download mode: GBIF ends the request KILLED or FAILED: a GBIF error, exit 2 as in existing
+    mode; an erased file is asked for again by the next run (exit 1)."""
+    recipe = load_recipe(copy_recipe("invasive_plants_download", gbif_env / "datasets", name=f"ended_{state.lower()}"))
+    emulator.config.next_download_status = state
+    try:
+        assert run_build(recipe, BuildOptions(poll_seconds=0.2, wait_timeout_s=60)) == code
+    finally:
+        emulator.config.next_download_status = None
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"ended {state}" in out
+
+
 def test_filters_that_remove_everything_end_clearly(gbif_env: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Nothing selected is an empty dataset with its reports, and the build says why."""
     path = copy_recipe("invasive_plants", gbif_env / "datasets", name="nothing_left")
