@@ -353,7 +353,8 @@ def _compressed(body: bytes, params: dict[str, Any]) -> bytes:
 def _reset(request: web.BaseRequest) -> None:
     """Close the connection with a TCP RST (SO_LINGER 0), as a crashing server does."""
     transport = request.transport
-    assert transport is not None
+    if transport is None:  # the client has gone already: nothing left to reset
+        return
     sock = transport.get_extra_info("socket")
     if sock is not None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
