@@ -77,18 +77,9 @@ def test_links_the_publisher_was_never_asked_for_are_not_judged(home: Path, erro
     this client refuses private addresses (`blocked`): those links were never requested, so they
     are neither valid nor dead at the publisher; a dead host's skipped links (`circuit_open`)
     still count as dead."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    log = home / "metadata" / "downloads" / "1001.parquet"
-    rows = pq.read_table(log).to_pylist()
-    extra = [{**rows[0], "url": f"https://img.a.example/never/{i}.jpg", "error": error, "ms": 0} for i in range(4)]
-    extra.append({**extra[0], "error": None, "source": "gbif_cache", "ms": 5})  # the cache served one: still unjudged
-    pq.write_table(pa.Table.from_pylist(rows + extra), log)
-    manifest = home / "metadata" / "manifest.parquet"
-    candidates = pq.read_table(manifest).to_pylist()
-    more = [{**candidates[0], "identifier": f"https://img.a.example/never/{i}.jpg"} for i in range(4)]
-    pq.write_table(pa.Table.from_pylist(candidates + more), manifest)
+    urls = [f"https://img.a.example/never/{i}.jpg" for i in range(4)]
+    # the cache served one: still unjudged
+    _add_links(home, urls, error, then={"url": urls[0], "error": None, "source": "gbif_cache", "ms": 5})
     report = link_rot_report(home)
     assert (report.links_tried, report.invalid) == (12, 2)
     assert said in report.report_md
@@ -111,16 +102,21 @@ def test_links_no_longer_in_the_manifest_are_history_not_rot(home: Path) -> None
 
 def test_a_link_that_served_an_image_of_an_unwanted_format_is_valid(home: Path) -> None:
     """The publisher served a PNG where the recipe keeps JPEG only: the link works, it is not rot."""
+    _add_links(home, [f"https://img.a.example/png/{i}.png" for i in range(3)], "unwanted_format")
+    report = link_rot_report(home)
+    assert (report.links_tried, report.valid, report.invalid) == (15, 12, 2)
+
+
+def _add_links(home: Path, urls: list[str], error: str, then: dict | None = None) -> None:
+    """Label 1001's candidates gain `urls`, each tried once and failed with `error` (then one
+    more attempt row, `then`, when given)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     log = home / "metadata" / "downloads" / "1001.parquet"
     rows = pq.read_table(log).to_pylist()
-    png = [{**rows[0], "url": f"https://img.a.example/png/{i}.png", "error": "unwanted_format"} for i in range(3)]
-    pq.write_table(pa.Table.from_pylist(rows + png), log)
+    extra = [{**rows[0], "url": url, "error": error, "ms": 0} for url in urls] + ([{**rows[0], **then}] if then else [])
+    pq.write_table(pa.Table.from_pylist(rows + extra), log)
     manifest = home / "metadata" / "manifest.parquet"
     candidates = pq.read_table(manifest).to_pylist()
-    more = [{**candidates[0], "identifier": f"https://img.a.example/png/{i}.png"} for i in range(3)]
-    pq.write_table(pa.Table.from_pylist(candidates + more), manifest)
-    report = link_rot_report(home)
-    assert (report.links_tried, report.valid, report.invalid) == (15, 12, 2)
+    pq.write_table(pa.Table.from_pylist(candidates + [{**candidates[0], "identifier": url} for url in urls]), manifest)
