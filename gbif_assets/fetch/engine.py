@@ -322,7 +322,10 @@ class _HostLimit:
         be `closed` (the caller then fails at once, not after the pause); returns a ticket."""
         self.waiting += 1
         try:
-            while (wait := self.wait_s(time.monotonic())) != 0.0 and not closed():
+            while (wait := self.wait_s(time.monotonic())) != 0.0:
+                if closed():  # the caller fails at once and sends nothing: the slot is not counted as used
+                    self.active += 1  # (its release comes all the same)
+                    return 0
                 self._freed.clear()
                 with contextlib.suppress(TimeoutError):  # a slot freed, the host closed, or the wait is over
                     await asyncio.wait_for(self._freed.wait(), timeout=wait)

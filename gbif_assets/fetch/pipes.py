@@ -92,10 +92,6 @@ class Child:
             os.close(from_child_write)
         self.pid = self._popen.pid
 
-    @property
-    def returncode(self) -> int | None:
-        return self._popen.poll()
-
     async def attach(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """Our two pipe ends as streams of the running loop (they close with them)."""
         fds, self._read_fd, self._write_fd = (self._read_fd, self._write_fd), -1, -1

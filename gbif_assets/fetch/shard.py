@@ -10,7 +10,8 @@ the attempt log and the progress figures.
 
 Parent and shard talk over two pipes (`pipes.py`): jobs in; results and attempt rows out, batched
 once per event-loop turn. A shard dies with its parent (PR_SET_PDEATHSIG), so a `kill -9` of a
-build leaves no fetch process behind. Started by `RemoteShard` or `FetchEngine.shards_started_early`, not by hand.
+build leaves no fetch process behind. Started by `RemoteShard` or by
+`FetchEngine.shards_started_early`, not by hand.
 """
 
 from __future__ import annotations
