@@ -32,9 +32,10 @@ from gbif_assets.fetch.engine import Candidate, FetchConfig, FetchEngine, Outcom
 from gbif_assets.fetch.verify import verify_image
 
 MTIME_SLACK_S = 2.0  # a kept file modified later than this after its fetch is checked again
-# failures that say the link itself is no good, not that its host was busy or down at the time, nor
-# that this client's settings refused it (blocked, too_large: a changed setting may let it through)
 HOST_MEMORY_S = 600.0  # how long a host one label found dead is skipped by the labels after it
+# failures that say the link itself is no good, not that its host was busy or down at the time, nor
+# that this client's settings refused it (blocked, too_large, unwanted_format: a changed setting may
+# let it through)
 FINAL_ERRORS = {"not_image", "decode_error", "too_many_redirects", "http_3xx", "duplicate"}
 KEPT_SCHEMA = pa.schema(
     [
