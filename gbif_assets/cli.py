@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from gbif_assets.recipe import Recipe, RecipeError, load_recipe
 
@@ -130,6 +131,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_interrupts(unraisable: Any) -> None:
+    """Ctrl-C that lands in a garbage-collection callback (SQLAlchemy's, in Dagster's storage)
+    cannot be raised there, and Python printed it as a traceback; the build sees the signal
+    anyway (build._signals_seen) and ends with 130. Every other unraisable error is printed."""
+    if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+        sys.__unraisablehook__(unraisable)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point; recipe, GBIF and settings errors become one clear line and exit code 2."""
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
@@ -137,6 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # takes SIGINT over while it runs a step, so it stopped some steps and not the rest.
         # `kill -INT` is asked for, and always ends the build (exit 130).
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    sys.unraisablehook = _quiet_interrupts
     args = _parser().parse_args(argv)
     try:  # Ctrl-C during the imports (Dagster's take a second) is an interrupt like any other
         from gbif_assets.gbif import GbifError
