@@ -219,16 +219,46 @@ def _files_by_sha1(home: Path, folder: str) -> dict[str, Path]:
     return found
 
 
+def _files_of_dropped_labels(home: Path, manifest: Path, wanted: set[str]) -> dict[str, Path]:
+    """The `wanted` images that sit in the folders of labels the manifest no longer has (the
+    recipe's `label` field changed, or GBIF re-identified an occurrence), by the sha1 of their
+    URL. No partition run owns those folders any more, so this label takes its files from them
+    instead of fetching them again; image_metadata deletes what is left there."""
+    con = duckdb.connect()
+    try:
+        labels = {
+            label_dir(str(v))
+            for (v,) in con.execute("SELECT DISTINCT label FROM read_parquet(?)", [str(manifest)]).fetchall()
+        }
+    finally:
+        con.close()
+    found: dict[str, Path] = {}
+    for split in ("train", "val", "test"):
+        with contextlib.suppress(FileNotFoundError):
+            for folder in os.scandir(home / "images" / split):
+                if not folder.is_dir() or folder.name in labels:
+                    continue
+                for entry in os.scandir(folder.path):
+                    sha1 = entry.name.split(".", 1)[0]
+                    if sha1 in wanted and entry.is_file() and not entry.name.startswith("."):
+                        found.setdefault(sha1, Path(entry.path))
+    return found
+
+
 def _move(
     found: Path, dest: Path, home: Path, record: dict[str, Any] | None, split: str
-) -> tuple[Path, dict[str, Any] | None]:
-    """A file whose occurrence now falls in another split goes to that split's folder (its times
-    kept, so it stays trusted), with its row updated; a refresh does not fetch it again."""
+) -> tuple[Path | None, dict[str, Any] | None]:
+    """A file whose occurrence now falls in another split (or that a dropped label's folder
+    holds) goes to its folder (its times kept, so it stays trusted), with its row updated; a
+    refresh does not fetch it again."""
     dest.mkdir(parents=True, exist_ok=True)
     moved = dest / found.name
     if record is not None and record.get("path") == found.relative_to(home).as_posix():
         record = {**record, "path": moved.relative_to(home).as_posix(), "split": split}
-    os.replace(found, moved)
+    try:
+        os.replace(found, moved)
+    except FileNotFoundError:  # a dropped label's file, removed meanwhile by image_metadata: fetched again
+        return None, record
     return moved, record
 
 
@@ -277,7 +307,8 @@ def _download_label(
     with engine.shards_started_early(len(rows)):
         log.fold()  # the attempts of a run that was killed, from its journal
         previous = {r["url_sha1"]: r for r in _read_rows(kept_path)}
-        on_disk = _files_by_sha1(home, folder)
+        on_disk = _files_of_dropped_labels(home, manifest_parquet, {r["url_sha1"] for r in rows})
+        on_disk |= _files_by_sha1(home, folder)
         plan = _plan(rows, label, folder, home, config, previous, on_disk, log.sources(), log.refused())
         engine.kept_sha256 = {r["sha256"]: str(home / r["path"]) for r in plan.kept if r.get("sha256")}
         todo = plan.todo

@@ -819,3 +819,24 @@ def test_requests_waiting_out_a_pause_give_up_as_soon_as_the_host_is_closed() ->
         return time.monotonic() - started
 
     assert asyncio.run(main()) < 0.5
+
+
+def test_a_changed_label_takes_its_files_from_the_dropped_labels_folders(hosts: ImageHosts, tmp_path: Path) -> None:
+    """The recipe's `label` field changed (speciesKey to species): the same images now belong to
+    a label with another folder. The new label's run moves them from the folder of the label the
+    manifest dropped instead of fetching them again."""
+    home = tmp_path / "home"
+    old = _manifest(tmp_path / "old.parquet", hosts.base_urls["ok"], 10, label="5352251")
+    assert download_label(old, "5352251", home, _config()).kept == 10
+    table = pq.read_table(old).to_pylist()
+    new = tmp_path / "new.parquet"
+    pq.write_table(pa.Table.from_pylist([{**r, "label": "Fallopia japonica"} for r in table]), new)
+    before = hosts.stats["ok"].requests
+    result = download_label(new, "Fallopia japonica", home, _config())
+    assert result.kept == 10 and result.fetched == 0
+    assert hosts.stats["ok"].requests == before  # nothing fetched again
+    folder = label_dir("Fallopia japonica")
+    assert len(list(home.glob(f"images/*/{folder}/*.jpg"))) == 10
+    assert not list(home.glob("images/*/5352251/*.jpg"))
+    kept = pq.read_table(home / "metadata" / "partitions" / f"{folder}.parquet").to_pylist()
+    assert {r["label"] for r in kept} == {"Fallopia japonica"} and all((home / r["path"]).exists() for r in kept)
