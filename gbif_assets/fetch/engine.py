@@ -206,6 +206,8 @@ class _Breaker:
         self.open_until: dict[str, float] = {}
         self.why: dict[str, str] = {}  # host -> why it is closed, for the attempt log
         self.held: set[str] = set()  # hosts closed because they asked to be left alone, not because they failed
+        self.inherited: set[str] = set()  # closed from the start by other labels' sightings, not this run's
+        self.since: dict[str, float] = {}  # host -> when (time.time()) this run closed it
 
     def error(self, host: str) -> str:
         """What a candidate skipped at a closed host failed with: `host_paused` when the host asked
@@ -228,6 +230,8 @@ class _Breaker:
         (`paused`: its links are not judged), or another label's run found it dead."""
         self.open_until[host] = max(self.open_until.get(host, 0.0), time.monotonic() + seconds)
         self.why[host] = why
+        self.since[host] = time.time()
+        self.inherited.discard(host)
         if paused:
             self.held.add(host)
 
@@ -235,9 +239,10 @@ class _Breaker:
         """The host's closing as wall-clock times, for the labels fetched after this one
         (`closed_hosts`), or None when it is open."""
         left = self.open_until.get(host, 0.0) - time.monotonic()
-        if left <= 0:
+        if left <= 0 or host in self.inherited:  # another label's sighting is not renewed by skipping it
             return None
-        return {"paused": host in self.held, "until": time.time() + left, "why": self.why.get(host, "")}
+        return {"paused": host in self.held, "since": self.since.get(host, time.time()),
+                "until": time.time() + left, "why": self.why.get(host, "")}  # fmt: skip
 
     def record(self, host: str, error: str | None, proven: bool = True) -> None:
         if error in BREAKER_ERRORS:
@@ -245,7 +250,9 @@ class _Breaker:
             if self.count[host] >= (self.failures if proven else min(self.failures, UNPROVEN_BREAKER_FAILURES)):
                 self.open_until[host] = time.monotonic() + self.open_s
                 self.why[host] = f"{self.count[host]} connection failures in a row; skipped for {self.open_s:.0f} s"
+                self.since[host] = time.time()
                 self.held.discard(host)
+                self.inherited.discard(host)
         elif error is None or not error.startswith("http_5"):
             self.count[host] = 0
 
@@ -534,7 +541,14 @@ class _Coordinator:
         """A shard's result for job `number`: count it, or try the cache, and claim what is next."""
         engine = self._engine
         state, cand, first = self._jobs.pop(number)
-        if not outcome.ok and first is None and (cache_url := engine._cache_url(cand)):
+        if (
+            not outcome.ok
+            and first is None
+            and outcome.error != "unwanted_format"
+            and (cache_url := engine._cache_url(cand))
+        ):
+            # GBIF's cached copy stands in for a dead link, not for a live one that serves a format
+            # the recipe leaves out (a fresh build and a refresh would keep different images)
             self._dispatch(state, cand, cache_url, "gbif_cache", outcome)
             return
         final = outcome if outcome.ok or first is None else first
@@ -656,6 +670,7 @@ class FetchEngine:
         for host, (until, why, paused) in config.closed_hosts.items():  # found dead or pausing in other labels
             if (left := until - time.time()) > 0:
                 self._breaker.hold(host, left, why, paused)
+                self._breaker.inherited.add(host)
         self._hosts: dict[str, _HostLimit] = {}
         self._remote_hosts: dict[str, dict[str, Any]] = {}  # what shard processes learnt of their hosts
         self._literal_ok: dict[str, bool] = {}  # host -> an IP literal we may connect to (or a name)

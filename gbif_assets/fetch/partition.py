@@ -537,9 +537,13 @@ def closed_hosts(home: Path) -> dict[str, tuple[float, str, bool]]:
         closed = state.get("closed")
         if not closed:
             continue
-        until = closed["until"] if closed["paused"] else max(closed["until"], state["at"] + HOST_MEMORY_S)
+        until = (
+            closed["until"]
+            if closed["paused"]
+            else max(closed["until"], closed.get("since", state["at"]) + HOST_MEMORY_S)
+        )
         if until > now:
-            when = dt.datetime.fromtimestamp(state["at"], dt.UTC).strftime("%H:%M:%S UTC")
+            when = dt.datetime.fromtimestamp(closed.get("since", state["at"]), dt.UTC).strftime("%H:%M:%S UTC")
             out[host] = (until, f"closed in an earlier label's run at {when}: {closed['why']}", closed["paused"])
     return out
 
@@ -560,11 +564,16 @@ def _remember_hosts(home: Path, folder: str, report: dict[str, dict[str, Any]]) 
 
 def _no_longer_allowed(found: Path, record: dict[str, Any] | None, config: FetchConfig) -> bool:
     """A kept file that the settings now refuse: max_bytes lowered, or its format left
-    filters.formats (a resized copy's format is the resize's, so it is judged when fetched)."""
+    filters.formats. A resized copy of a JPEG is a JPEG, and of any other format a PNG, so a
+    resized PNG stays while the recipe keeps any format but JPEG."""
     if found.stat().st_size > config.max_bytes:
         return True
     mime = record.get("mime") if record else None
-    return bool(config.formats and mime and not config.resize_max_side and mime not in config.formats)
+    if not (config.formats and mime):
+        return False
+    if config.resize_max_side and mime == "image/png":
+        return not any(kept != "image/jpeg" for kept in config.formats)
+    return mime not in config.formats
 
 
 def _needs_check(record: dict[str, Any] | None, found: Path, home: Path, side: int | None) -> bool:

@@ -750,10 +750,13 @@ def test_an_image_of_a_format_the_recipe_leaves_out_is_refused_and_replaced(host
     for row in table:
         row["stream_target"], row["selected"] = 6, row["rank"] <= 6
     pq.write_table(pa.Table.from_pylist(table), manifest)
-    result = download_label(manifest, "L1", home, _config(formats=("image/jpeg",)))
+    cache = f"{hosts.base_urls['ok']}/v1/image/cache"  # GBIF's copy stands in for dead links only
+    config = _config(formats=("image/jpeg",), gbif_image_cache_fallback=True, image_cache_base=cache)
+    result = download_label(manifest, "L1", home, config)
     kept = sorted(p.suffix for p in home.glob("images/*/L1/*.*"))
     assert result.kept == 6 and kept == [".jpg"] * 6
     log = pq.read_table(home / "metadata" / "downloads" / "L1.parquet").to_pylist()
+    assert not [r for r in log if r["source"] == "gbif_cache"]
     refused = [r for r in log if r["error"] == "unwanted_format"]
     assert refused and all(r["url"].endswith(".png") and r["attempt"] == 1 for r in refused)
     assert "image/png is not in filters.formats" in refused[0]["detail"]
@@ -764,6 +767,14 @@ def test_an_image_of_a_format_the_recipe_leaves_out_is_refused_and_replaced(host
     narrowed = download_label(manifest, "L1", tmp_path / "home2", _config(formats=("image/jpeg",)))
     assert narrowed.kept == 6
     assert sorted(p.suffix for p in (tmp_path / "home2").glob("images/*/L1/*.*")) == [".jpg"] * 6
+    # the same with resized copies: a resized PNG is a PNG and leaves with its format (the
+    # emulator's JPEGs differ only in a comment, which resizing drops: some become duplicates)
+    resized = tmp_path / "home3"
+    download_label(manifest, "L1", resized, _config(formats=("image/jpeg", "image/png"), resize_max_side=100))
+    assert ".png" in {p.suffix for p in resized.glob("images/*/L1/*.*")}
+    result = download_label(manifest, "L1", resized, _config(formats=("image/jpeg",), resize_max_side=100))
+    assert {p.suffix for p in resized.glob("images/*/L1/*.*")} == {".jpg"}
+    assert result.kept == len(list(resized.glob("images/*/L1/*.*")))
 
 
 def test_a_host_one_label_found_dead_is_skipped_by_the_next_labels(hosts: ImageHosts, tmp_path: Path) -> None:
@@ -797,6 +808,8 @@ def test_a_host_one_label_found_dead_is_skipped_by_the_next_labels(hosts: ImageH
     assert time.monotonic() - started < 1.5  # no timeout waited
     memory = json.loads((home / "metadata" / "hosts" / "L1.json").read_text())
     assert memory["127.0.0.20"]["closed"]["paused"] is False
+    for label in ("L2", "L3"):  # skipping the host is no new sighting: the memory runs from L1's
+        assert "127.0.0.20" not in json.loads((home / "metadata" / "hosts" / f"{label}.json").read_text())
 
 
 def test_requests_waiting_out_a_pause_give_up_as_soon_as_the_host_is_closed() -> None:
