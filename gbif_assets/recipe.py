@@ -111,6 +111,11 @@ class Source(_Model):
             items = _listify(values)
             if not items:
                 raise ValueError(f"{field}: give at least one value")
+            if field == "mediaType" and "stillimage" not in {str(v).strip().lower() for v in items}:
+                raise ValueError(
+                    "mediaType: must include StillImage (the fetch keeps images only); "
+                    "filters.media_types is the place for the media types a set keeps"
+                )
             for item in items:
                 if isinstance(item, bool) or not isinstance(item, str | int):
                     raise ValueError(f"{field}: values must be strings or integers, got {item!r}")
@@ -466,10 +471,10 @@ class Recipe(_Model):
 
     def predicate(self) -> dict[str, Any]:
         """The GBIF download predicate this recipe asks for (StillImage media only)."""
-        from gbif_assets.gbif.predicate import query_to_predicate
+        from gbif_assets.gbif.predicate import query_to_predicate, with_media_types
 
         if self.source.predicate is not None:
-            return self.source.predicate
+            return with_media_types(self.source.predicate, self.filters.media_types)
         if self.source.query is None:
             raise RecipeError(f"recipe {self.name}: mode {self.source.mode!r} has no predicate")
         return query_to_predicate(self.source.query, self.filters.media_types)

@@ -36,8 +36,10 @@ SEARCH_FIELDS = frozenset(key_lkup) | frozenset(KEY_FIXES) | MORE_SEARCH_FIELDS
 # every field of a GBIF occurrence record, which a recipe may label or balance by: the interpreted
 # occurrence.txt columns of a DwC-A download (the 2014 fixture's meta.xml), the SIMPLE_CSV columns
 # (2020 and 2025 fixtures), the fields of occurrence-search results (recorded responses) and the
-# fields GBIF added since (GADM levels, recordedByID, checklistKey...); plus the search parameters
-RECORD_FIELDS = SEARCH_FIELDS | {
+# fields GBIF added since (GADM levels, recordedByID, checklistKey...). Not the search parameters
+# that are no field of a record (geometry, eventDateGte...), nor mediaType (no class: a record has
+# several), which would pass the recipe's check and fail at build.
+RECORD_FIELDS = frozenset({
     "abstract", "acceptedNameUsage", "acceptedNameUsageID", "acceptedScientificName", "acceptedTaxonKey",
     "accessRights", "accrualMethod", "accrualPeriodicity", "accrualPolicy", "alternative",
     "associatedOccurrences", "associatedOrganisms", "associatedReferences", "associatedSequences",
@@ -70,7 +72,7 @@ RECORD_FIELDS = SEARCH_FIELDS | {
     "level1Name", "level2Gid", "level2Name", "level3Gid", "level3Name", "license", "lifeStage",
     "lithostratigraphicTerms", "locality", "locationAccordingTo", "locationID", "locationRemarks",
     "lowestBiostratigraphicZone", "materialSampleID", "maximumDistanceAboveSurfaceInMeters", "mediator",
-    "mediaType", "medium", "member", "minimumDistanceAboveSurfaceInMeters", "modified", "month", "municipality",
+    "medium", "member", "minimumDistanceAboveSurfaceInMeters", "modified", "month", "municipality",
     "nameAccordingTo", "nameAccordingToID", "namePublishedIn", "namePublishedInID", "namePublishedInYear",
     "networkKey", "nomenclaturalCode", "nomenclaturalStatus", "nonTaxonomicIssue", "occurrenceDetails",
     "occurrenceID", "occurrenceRemarks", "occurrenceStatus", "order", "orderKey", "organismID", "organismName",
@@ -89,7 +91,7 @@ RECORD_FIELDS = SEARCH_FIELDS | {
     "verbatimIdentification", "verbatimLabel", "verbatimLocality", "verbatimScientificName",
     "verbatimScientificNameAuthorship", "verbatimSRS", "verbatimTaxonRank", "vernacularName", "vitality",
     "waterBody", "year"
-}  # fmt: skip
+})  # fmt: skip
 
 
 def typo_of(field: str, known: frozenset[str] | set[str] = SEARCH_FIELDS) -> str | None:
@@ -190,6 +192,25 @@ def query_to_predicate(query: dict[str, list[Any]], media_types: Sequence[str] =
     elif "mediaType" not in query:
         builder.add_predicate_dict({"type": "in", "key": "MEDIA_TYPE", "values": list(media_types)})
     return builder.payload["predicate"]
+
+
+def _names_media_type(predicate: Any) -> bool:
+    if isinstance(predicate, dict):
+        return predicate.get("key") == "MEDIA_TYPE" or any(_names_media_type(v) for v in predicate.values())
+    return isinstance(predicate, list) and any(_names_media_type(v) for v in predicate)
+
+
+def with_media_types(predicate: dict[str, Any], media_types: Sequence[str] = ("StillImage",)) -> dict[str, Any]:
+    """A recipe's own predicate, asking for occurrences with media of `media_types` unless it
+    names MEDIA_TYPE itself: without it, a download holds every occurrence, images or none."""
+    if _names_media_type(predicate):
+        return predicate
+    media: dict[str, Any] = (
+        {"type": "equals", "key": "MEDIA_TYPE", "value": media_types[0]}
+        if len(media_types) == 1
+        else {"type": "in", "key": "MEDIA_TYPE", "values": list(media_types)}
+    )
+    return {"type": "and", "predicates": [predicate, media]}
 
 
 def query_to_search_params(

@@ -194,6 +194,8 @@ BAD = [
     ("empty query value", _edit(["source", "query"], {"speciesKey": [""]}), "source.query", "empty value"),
     ("label typo", _edit(["label"], "specieskey"), "label", "did you mean 'speciesKey'"),
     ("label not a GBIF field", _edit(["label"], "fooKey"), "label", "not a field of GBIF occurrence records"),
+    ("label a search parameter", _edit(["label"], "geometry"), "label", "not a field of GBIF occurrence records"),
+    ("label by media type", _edit(["label"], "mediaType"), "label", "not a field of GBIF occurrence records"),
     (
         "stream key not a GBIF field",
         _edit(["balance", "split_streams_by"], ["datasetKey", "photographer"]),
@@ -220,6 +222,12 @@ BAD = [
         "no image media type",
         _edit(["filters", "media_types"], ["Sound"]),
         "filters.media_types",
+        "must include StillImage",
+    ),
+    (
+        "query without images",
+        _edit(["source", "query", "mediaType"], ["Sound"]),
+        "source.query",
         "must include StillImage",
     ),
     (
@@ -417,7 +425,13 @@ def test_predicate_gbif_would_refuse_names_its_path(
     ],
 )  # fmt: skip
 def test_predicates_gbif_takes_pass(tmp_path: Path, predicate: dict) -> None:
-    assert load_recipe(_write(tmp_path, _predicate(predicate)(_base()))).predicate() == predicate
+    """Sent as written, with the recipe's media types added when the predicate names none (a
+    download of every occurrence, images or none, is not what an image set asks for)."""
+    sent = load_recipe(_write(tmp_path, _predicate(predicate)(_base()))).predicate()
+    expected = (
+        predicate if _MEDIA in predicate.get("predicates", []) else {"type": "and", "predicates": [predicate, _MEDIA]}
+    )
+    assert sent == expected
 
 
 def test_predicate_nesting_is_limited() -> None:
