@@ -40,7 +40,7 @@ def hf_metadata(home: Path) -> tuple[list[Path], Path, int]:
     folder (a single images/metadata.jsonl is ignored when split folders exist); `val` maps to the
     `validation` split by the library's split-name keywords. With a metadata file the library
     takes no class from the folder names, so `label` is there as text (speciesKey 3189866 as
-    "3189866", not an int64): `ds.class_encode_column("label")` makes the class label.
+    "3189866", not an int64); README casts it to one ClassLabel for every split.
     """
     rows = rows_of(
         home,

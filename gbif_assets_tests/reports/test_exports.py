@@ -47,7 +47,9 @@ def test_hf_imagefolder_loads_every_image_with_label_and_split(
     assert exported.rows == 9
     # labels stay text (numeric taxon keys are not read as int64), and become a ClassLabel at one call
     assert ds["train"].features["label"].dtype == "string"
-    assert ds.class_encode_column("label")["train"].features["label"].names == ["1001", "2002"]
+    labels = sorted({label for split in ds.values() for label in split["label"]})  # as README does
+    encoded = ds.cast_column("label", datasets.ClassLabel(names=labels))
+    assert all(encoded[split].features["label"].names == ["1001", "2002"] for split in encoded)
 
 
 def test_hf_metadata_files(merged: Path, exported) -> None:
