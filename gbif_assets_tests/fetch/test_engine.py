@@ -348,8 +348,9 @@ def test_labels_that_clean_alike_keep_their_own_folders(hosts: ImageHosts, tmp_p
     home = tmp_path / "home"
     labels = ["Mentha piperita", "Mentha × piperita"]
     assert label_dir("5352251") == "5352251" and len({label_dir(x) for x in labels}) == 2
+    urls = {f"{hosts.base_urls['ok']}/mentha/{n}/{i}.jpg": label for n, label in enumerate(labels) for i in range(4)}
+    manifest = _labelled_manifest(tmp_path / "manifest.parquet", urls)
     for label in labels:
-        manifest = _manifest(tmp_path / f"{label_dir(label)}.parquet", hosts.base_urls["ok"], 4, label=label)
         assert download_label(manifest, label, home, _config()).kept == 4
     for label in labels:
         assert len(list(home.glob(f"images/*/{label_dir(label)}/*.jpg"))) == 4
