@@ -52,6 +52,14 @@ def _shard_pids() -> list[int]:
     return pids
 
 
+def _shards_shown(count: int) -> list[int]:
+    """The shard processes, once `count` show in /proc (a loaded machine may list one late)."""
+    deadline = time.monotonic() + 5
+    while len(pids := _shard_pids()) < count and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return pids
+
+
 def test_hosts_are_split_between_processes_and_limits_hold(hosts: ImageHosts, tmp_path: Path) -> None:
     names = ["ok", "slow", "redirect", "rate429"]
     for name in names:
@@ -175,9 +183,7 @@ def test_shards_started_early_do_the_fetching(hosts: ImageHosts, tmp_path: Path)
     engine = FetchEngine(_config())
     seen: set[int] = set()
     with engine.shards_started_early(len(cands)):
-        deadline = time.monotonic() + 5  # a loaded machine may show the new process a moment late
-        while not (early := set(_shard_pids())) and time.monotonic() < deadline:
-            time.sleep(0.01)
+        early = set(_shards_shown(1))
         assert len(early) == 1
         running = threading.Event()
 
@@ -203,7 +209,7 @@ def test_shards_started_early_and_not_needed_are_stopped(hosts: ImageHosts, tmp_
     """Planning that fails, or a job that needs no second process, leaves no process behind."""
     engine = FetchEngine(_config(shard_min_candidates=50))
     with pytest.raises(ValueError, match="planning failed"), engine.shards_started_early(100):
-        assert len(_shard_pids()) == 1
+        assert len(_shards_shown(1)) == 1
         raise ValueError("planning failed")
     assert _shard_pids() == [] and _zombie_children() == []
     one_host = [_cand(f"{hosts.base_urls['ok']}/early-one/{i}.jpg", tmp_path, rank=i) for i in range(3)]
