@@ -793,6 +793,10 @@ class FetchEngine:
                     )
                     for _ in range(extra):
                         started = self._early.pop() if self._early else None
+                        if started is not None and not started.alive():  # died while waiting: start another
+                            started.kill()
+                            await started.wait()
+                            started = None
                         shards.append(await RemoteShard.start(child, coordinator.settle, self.attempts.extend, started))
                 serving += [asyncio.create_task(shard.serve()) for shard in shards]
                 coordinator.start(shards)

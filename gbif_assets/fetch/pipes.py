@@ -99,6 +99,9 @@ class Child:
             raise RuntimeError(f"child process {self.pid}: its pipes are already attached or closed")
         return await pipe_streams(*fds)
 
+    def alive(self) -> bool:
+        return self._popen.poll() is None
+
     def kill(self) -> None:
         """Stop it now (no-op once it has exited); pipes not yet attached are closed."""
         for fd in (self._read_fd, self._write_fd):

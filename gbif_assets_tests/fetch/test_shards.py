@@ -222,6 +222,27 @@ def test_shards_started_early_and_not_needed_are_stopped(hosts: ImageHosts, tmp_
         assert _shard_pids() == []
 
 
+def test_a_shard_started_early_that_died_is_replaced(hosts: ImageHosts, tmp_path: Path) -> None:
+    """The process started early dies before the fetch (killed, or out of memory): the run
+    starts another instead of failing the label."""
+    cands = [
+        _cand(f"{hosts.base_urls[name]}/early-dead/{name}/{i}.jpg", tmp_path, rank=2 * i + n)
+        for i in range(10)
+        for n, name in enumerate(["ok", "slow"])
+    ]
+    engine = FetchEngine(_config())
+    with engine.shards_started_early(len(cands)):
+        (early,) = _shards_shown(1)
+        os.kill(early, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while early in _shard_pids() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        asyncio.run(engine.run({"s": (cands, len(cands))}))
+    assert sum(o.ok for o in engine.outcomes) == 20
+    assert {r["shard"] for r in engine.host_report().values()} == {0, 1}
+    assert _shard_pids() == [] and _zombie_children() == []
+
+
 def test_a_build_killed_while_planning_leaves_no_early_shard(tmp_path: Path) -> None:
     """kill -9 of the process planning a partition: the shard it started early dies with it."""
     code = (
