@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 
 import duckdb
 
+from gbif_assets.files import write_json_atomic
 from gbif_assets.ingest.schema import literal
 from gbif_assets.recipe import Recipe
 from gbif_assets.settings import Settings, duckdb_memory_from_env
@@ -31,14 +31,6 @@ class StepError(RuntimeError):
 
 
 # -- files in the dataset home ------------------------------------------------------------------
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON through a temporary file and rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def read_state(home: Path, name: str) -> dict[str, Any] | None:

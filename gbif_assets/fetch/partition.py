@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 
 from gbif_assets.fetch.engine import Candidate, FetchConfig, FetchEngine, Outcome, Progress, host_of
 from gbif_assets.fetch.verify import verify_image
+from gbif_assets.files import write_json_atomic
 
 MTIME_SLACK_S = 2.0  # a kept file modified later than this after its fetch is checked again
 HOST_MEMORY_S = 600.0  # how long a host one label found dead is skipped by the labels after it
@@ -555,11 +556,7 @@ def _remember_hosts(home: Path, folder: str, report: dict[str, dict[str, Any]]) 
         for host, r in report.items()
         if r.get("closed") or r.get("answers")
     }
-    path = home / "metadata" / "hosts" / f"{folder}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(seen, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
+    write_json_atomic(home / "metadata" / "hosts" / f"{folder}.json", seen)
 
 
 def _no_longer_allowed(found: Path, record: dict[str, Any] | None, config: FetchConfig) -> bool:

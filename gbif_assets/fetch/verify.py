@@ -138,10 +138,8 @@ def _refusal(
     pixel count, a colour mode Pillow cannot convert to RGB and L), or None."""
     if fmt not in PIL_FORMATS:
         return Verified(False, "not_image", f"unsupported image format {fmt or 'unknown'}")
-    if formats and PIL_FORMATS[fmt][0] not in formats:
-        return Verified(
-            False, "unwanted_format", f"{PIL_FORMATS[fmt][0]} is not in filters.formats ({', '.join(formats)})"
-        )
+    if formats and (mime := PIL_FORMATS[fmt][0]) not in formats:
+        return Verified(False, "unwanted_format", f"{mime} is not in filters.formats ({', '.join(formats)})")
     if width * height > max_pixels:
         return Verified(False, "too_large", f"{width}x{height} pixels exceeds {max_pixels:,} (decompression bomb?)")
     if mode is not None and not _converts(mode):

@@ -460,12 +460,11 @@ def _empty_split_notes(recipe: Any, per_label: list[dict[str, Any]]) -> list[str
     """Labels with no image in a split the recipe gives a share to (too few images for it)."""
     notes = []
     for split in ("train", "val", "test"):
-        if getattr(recipe.split, split) <= 0:
-            continue
+        share = getattr(recipe.split, split)
         missing = [str(r["label"]) for r in per_label if r["selected"] and not r[split]]
-        if missing:
+        if share > 0 and missing:
             notes.append(
-                f"{len(missing)} label(s) have no {split} image (too few selected for a "
-                f"{getattr(recipe.split, split):g} share): {', '.join(missing[:10])}"
+                f"{len(missing)} label(s) have no {split} image (too few selected for a {share:g} share): "
+                + ", ".join(missing[:10])
             )
     return notes
